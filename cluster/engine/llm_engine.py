@@ -1,0 +1,215 @@
+"""The stepping engine: requests in, one scheduled forward per `step()`, token deltas out.
+
+Besides plain generation it offers the split that disaggregation needs:
+- prefill role: `add_request(..., prefill_only=True)` computes the prompt's KV and first token and keeps
+  the blocks (`prefilled_blocks`) until `release_prefilled` after the KV has been sent;
+- decode role: `reserve` blocks for KV that will arrive, then `add_prefilled_request` to decode from it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.kv_layout import KVLayout
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.models.loader import build_model, read_model_spec
+from cluster.engine.output_processor import OutputProcessor
+from cluster.engine.outputs import FINISH_ABORT, StepOutput
+from cluster.engine.scheduler import Scheduler, SchedulerLimits
+from cluster.engine.sequence import Sequence
+from cluster.sampling_params import SamplingParams
+from cluster.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_reserved_blocks: int
+    num_prefilled_held: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    """One model on one device with its paged KV cache and scheduler."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.torch_dtype_name)
+        self.spec = read_model_spec(config.model)
+        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+        self.tokenizer = TextTokenizer(config.model)
+        self.model = build_model(self.spec, config.model, self.max_model_len, self.dtype, self.device)
+        self.kv_layout = KVLayout(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+                                  config.block_size, self.dtype)
+        self.kv_cache = self.kv_layout.allocate(self._num_blocks(), self.device)
+        self.block_manager = BlockManager(self.kv_cache.shape[2], config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens),
+                                   self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
+        eos = self.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id
+                                          is not None else ())
+        self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._prefilled: dict[str, Sequence] = {}
+        self._reservations: dict[str, list[int]] = {}
+        self._seed_rng = random.Random(config.seed)
+
+    def _num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks + 1  # + the scratch block
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.gpu_memory_utilization
+        else:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        n = int(budget // self.kv_layout.bytes_per_block)
+        if n < 2:
+            raise ValueError("not enough memory for even one KV block; lower the model size or raise the budget")
+        return n
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
+                      prefill_only: bool) -> Sequence:
+        if request_id in self._seqs or request_id in self._prefilled or request_id in self._reservations:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the model's maximum length {self.max_model_len}")
+        bad = [t for t in token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of vocabulary range [0, {self.spec.vocab_size}): {bad[:5]}")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        seq = Sequence(request_id, list(token_ids), num_prompt, params, seed, prefill_only=prefill_only)
+        self.outputs.attach(seq)
+        self._seqs[request_id] = seq
+        return seq
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    *, prefill_only: bool = False) -> None:
+        """Queue a prompt. With `prefill_only`, the request ends after its first token (see module doc)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, len(prompt_token_ids), params, prefill_only)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. Returns False if the id is unknown."""
+        found = self.release_prefilled(request_id) | self.release_reservation(request_id)
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+            seq.finish_reason = FINISH_ABORT
+            found = True
+        return found
+
+    # ---- prefill role ------------------------------------------------------------------------------
+    def prefilled_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """Block ids and token count of a finished prefill-only request's KV."""
+        seq = self._prefilled[request_id]
+        return list(seq.block_table), seq.num_computed_tokens
+
+    def release_prefilled(self, request_id: str) -> bool:
+        seq = self._prefilled.pop(request_id, None)
+        if seq is None:
+            return False
+        self.block_manager.free_sequence(seq)
+        return True
+
+    # ---- decode role -------------------------------------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` tokens of KV that will be written from outside; None if they don't fit."""
+        if request_id in self._reservations or request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if self.block_manager.blocks_needed(num_tokens) > self.block_manager.num_free_blocks:
+            return None
+        blocks = self.block_manager.allocate_blocks(num_tokens)
+        self._reservations[request_id] = blocks
+        return blocks
+
+    def release_reservation(self, request_id: str) -> bool:
+        blocks = self._reservations.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.block_manager.release_blocks(blocks)
+        return True
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
+                              params: SamplingParams, seed: int | None = None) -> None:
+        """Start decoding a request whose prompt KV already sits in its reserved blocks."""
+        blocks = self._reservations.pop(request_id, None)
+        if blocks is None:
+            raise ValueError(f"no reservation for request {request_id!r}")
+        needed = self.block_manager.blocks_needed(len(prompt_token_ids))
+        if needed != len(blocks):
+            self.block_manager.release_blocks(blocks)
+            raise ValueError(f"reservation has {len(blocks)} blocks, the prompt needs {needed}")
+        if seed is not None:
+            params = SamplingParams(**{**params.__dict__, "seed": seed})
+        try:
+            seq = self._new_sequence(request_id, [*prompt_token_ids, first_token_id], len(prompt_token_ids),
+                                     params, prefill_only=False)
+        except ValueError:
+            self.block_manager.release_blocks(blocks)
+            raise
+        seq.block_table = blocks
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self.block_manager.commit(seq)
+        self.outputs.seed_first_token(seq)
+        self.scheduler.add_running(seq)
+
+    # ---- stepping ----------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        """Run one forward over the scheduled batch; return what each request produced."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.run(batch)
+        outs: list[StepOutput] = []
+        for seq, token, logprobs in zip(batch.seqs, result.token_ids, result.logprobs, strict=True):
+            seq.num_computed_tokens = len(seq)
+            self.block_manager.commit(seq)
+            out = self.outputs.append_token(seq, token, logprobs)
+            if out.finished:
+                self._finish(seq)
+            outs.append(out)
+        return outs
+
+    def _finish(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        if seq.prefill_only and seq.finish_reason is not None and seq.finish_reason != FINISH_ABORT:
+            self.scheduler.running.remove(seq)
+            self._prefilled[seq.request_id] = seq  # blocks stay until release_prefilled
+        else:
+            self.scheduler.remove(seq)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_total_blocks=self.block_manager.num_usable_blocks,
+            num_reserved_blocks=sum(len(b) for b in self._reservations.values()),
+            num_prefilled_held=len(self._prefilled),
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def check_block_accounting(self) -> None:
+        """Raise unless every block is free or owned by a live request, reservation or held prefill."""
+        tables = [s.block_table for s in self._seqs.values()]
+        tables += [s.block_table for s in self._prefilled.values()]
+        tables += list(self._reservations.values())
+        self.block_manager.check_invariants(tables)
