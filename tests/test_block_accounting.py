@@ -1,0 +1,69 @@
+"""Property test: any interleaving of submit / abort / step / reserve / release ends with every block free."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine, SamplingParams
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.integers(1, 60), st.integers(1, 12), st.booleans()),
+        st.tuples(st.just("abort"), st.integers(0, 30)),
+        st.tuples(st.just("step"), st.integers(1, 4)),
+        st.tuples(st.just("reserve"), st.integers(1, 80)),
+        st.tuples(st.just("import"), st.integers(0, 30)),
+        st.tuples(st.just("release"), st.integers(0, 30)),
+    ),
+    max_size=40,
+)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=20, block_size=8, max_num_seqs=4,
+                                  max_num_batched_tokens=128))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops)
+def test_random_operations_free_every_block(engine, ops):
+    ids: list[str] = []
+    for n, op in enumerate(ops):
+        kind = op[0]
+        if kind == "submit":
+            _, length, max_tokens, prefill_only = op
+            rid = f"r{n}"
+            engine.add_request(rid, [(7 * i + length) % 500 + 3 for i in range(length)],
+                               SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=n, ignore_eos=True),
+                               prefill_only=prefill_only)
+            ids.append(rid)
+        elif kind == "reserve":
+            rid = f"v{n}"
+            if engine.reserve(rid, op[1]) is not None:
+                ids.append(rid)
+        elif kind == "import" and ids:
+            rid = ids[op[1] % len(ids)]
+            if rid in engine._reservations:
+                n_tokens = len(engine._reservations[rid]) * 8
+                engine.add_prefilled_request(rid, [5] * n_tokens, 6, SamplingParams(max_tokens=3, ignore_eos=True))
+        elif kind in ("abort", "release") and ids:
+            rid = ids[op[1] % len(ids)]
+            if kind == "abort":
+                engine.abort(rid)
+            else:
+                engine.release_prefilled(rid)
+        elif kind == "step":
+            for _ in range(op[1]):
+                engine.step()
+        engine.check_block_accounting()
+    while engine.has_unfinished():
+        engine.step()
+        engine.check_block_accounting()
+    for rid in ids:
+        engine.abort(rid)
+    engine.check_block_accounting()
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
