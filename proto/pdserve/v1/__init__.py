@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for the pdserve.v1 API (regenerate with proto/gen.sh)."""

@@ -1,0 +1,65 @@
+"""Router configuration: a frozen dataclass validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything the router needs. Timeouts are in seconds unless the name says `_ms`.
+
+    `max_queue` caps the requests in flight in this router; beyond it requests fail at once with
+    RESOURCE_EXHAUSTED (0 rejects everything, which is useful for draining). `max_model_len=None` reads it
+    from the model directory (config.json `max_position_embeddings`, else tokenizer_config
+    `model_max_length`).
+    """
+
+    model_dir: str
+    redis_url: str
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port (see RouterServer.port)
+    cluster_name: str = "default"
+    served_model_name: str | None = None  # None: the model directory's name
+    policy: str = "least_loaded"
+    max_queue: int = 1024
+    max_model_len: int | None = None
+    reserve_lease_ms: int = 60_000  # how long a decode reservation waits for the KV and the Decode call
+    reserve_timeout_s: float = 5.0  # decode worker's Reserve RPC
+    prefill_timeout_s: float = 60.0  # Prefill RPC (queue + prefill + KV push); also capped by the lease
+    decode_first_token_timeout_s: float = 60.0  # Decode call -> its first chunk
+    decode_chunk_timeout_s: float = 60.0  # longest gap between later chunks
+    cancel_timeout_s: float = 2.0  # best-effort Cancel RPCs on cleanup
+    max_decode_attempts: int = 3  # decode workers tried when one refuses the reservation or is down
+    max_prefill_attempts: int = 2  # prefill workers tried when one is unreachable
+    prefix_ttl_s: float = 300.0  # how long a prefill worker is assumed to keep a prompt's blocks cached
+    prefix_load_slack: int = 8  # prefix_aware: prefer the cache holder unless it has this much more load
+    health_interval_s: float = 1.0  # registry poll for the health status
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir must be given")
+        if not self.redis_url:
+            raise ValueError("redis_url must be given")
+        if not (0 <= self.port <= 65535):
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.cluster_name or "{" in self.cluster_name or "}" in self.cluster_name:
+            raise ValueError(f"cluster_name must be non-empty and free of braces, got {self.cluster_name!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.reserve_lease_ms < 1:
+            raise ValueError(f"reserve_lease_ms must be >= 1, got {self.reserve_lease_ms}")
+        for name in ("reserve_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",
+                     "decode_chunk_timeout_s", "cancel_timeout_s", "prefix_ttl_s", "health_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_decode_attempts < 1 or self.max_prefill_attempts < 1:
+            raise ValueError("max_decode_attempts and max_prefill_attempts must be >= 1")
+        if self.prefix_load_slack < 0:
+            raise ValueError(f"prefix_load_slack must be >= 0, got {self.prefix_load_slack}")

@@ -1,0 +1,283 @@
+"""The request path: validate -> reserve KV on a decode worker -> prefill (pushes KV) -> stream decode.
+
+Every exit path frees what it took: registry counters in `finally` next to where they were taken, and on
+any failure or client cancel, the in-flight worker RPCs are cancelled and both workers get a Cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import redis.exceptions
+from pdserve.v1 import generate_pb2 as pb
+from pdserve.v1 import worker_pb2 as wpb
+
+from cluster.prefix_hash import chain_block_hashes
+from cluster.registry import AsyncRegistry, WorkerInfo, WorkerLoad
+from cluster.wire import sampling_to_proto
+from router.channels import WorkerChannels
+from router.config import RouterConfig
+from router.errors import RouterError, worker_error
+from router.model_info import ModelInfo
+from router.policy import PrefillPolicy
+from router.validation import ValidRequest, validate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Code = grpc.StatusCode
+
+
+@dataclass
+class _Run:
+    """What one request holds on the workers, for cleanup."""
+
+    request_id: str
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
+    decode_call: Any = None
+    finished: bool = False
+
+
+def _earliest(end: float, time_remaining: Callable[[], float | None]) -> Callable[[], float]:
+    """A time_remaining that also stops at `end` (a perf_counter time)."""
+    def left() -> float:
+        call_left = time_remaining()
+        own = end - time.perf_counter()
+        return own if call_left is None else min(own, call_left)
+    return left
+
+
+def _ms(t0: float, t1: float | None = None) -> float:
+    return ((t1 if t1 is not None else time.perf_counter()) - t0) * 1000.0
+
+
+class Orchestrator:
+    """Runs Generate requests across the prefill and decode pools."""
+
+    def __init__(self, config: RouterConfig, model: ModelInfo, registry: AsyncRegistry,
+                 channels: WorkerChannels, policy: PrefillPolicy) -> None:
+        self.config = config
+        self.model = model
+        self.registry = registry
+        self.channels = channels
+        self.policy = policy
+        self._inflight: set[str] = set()
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    async def reg(self, coro: Awaitable[T]) -> T:
+        """Await a registry call; Redis failures become UNAVAILABLE."""
+        try:
+            return await coro
+        except redis.exceptions.RedisError as exc:
+            raise RouterError(Code.UNAVAILABLE, f"worker registry (Redis) unavailable: {exc}") from None
+
+    async def generate(self, req: pb.GenerateRequest,
+                       time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
+        """Yield the client's responses; raises RouterError with the status to return."""
+        t0 = time.perf_counter()
+        if len(self._inflight) >= self.config.max_queue:
+            raise RouterError(Code.RESOURCE_EXHAUSTED, f"router queue is full ({len(self._inflight)} requests "
+                                                       f"in flight, max_queue={self.config.max_queue})")
+        if len(req.text) > 4096:  # keep long tokenizations off the event loop
+            v = await asyncio.to_thread(validate, req, self.model)
+        else:
+            v = validate(req, self.model)
+        if v.request_id in self._inflight:
+            raise RouterError(Code.ALREADY_EXISTS, f"request_id {v.request_id!r} is already in flight")
+        self._inflight.add(v.request_id)
+        run = _Run(v.request_id)
+        try:
+            async for msg in self._run(v, run, t0, time_remaining):
+                yield msg
+        finally:
+            self._inflight.discard(v.request_id)
+            if not run.finished:
+                self._spawn_cleanup(run)
+
+    def _spawn_cleanup(self, run: _Run) -> None:
+        """Cleanup in the background: the client's status must not wait for a dead worker."""
+        task = asyncio.ensure_future(self._cleanup(run))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    def _timeout(self, limit: float, time_remaining: Callable[[], float | None]) -> float:
+        left = time_remaining()
+        return limit if left is None else max(0.001, min(limit, left))
+
+    async def _run(self, v: ValidRequest, run: _Run, t0: float,
+                   time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
+        cfg, rid = self.config, v.request_id
+        workers = await self.reg(self.registry.list_workers())
+        prefills = [w for w in workers if w[0].role == "prefill"]
+        decodes = [w for w in workers if w[0].role == "decode"]
+        if not prefills or not decodes:
+            missing = " and ".join(r for r, ws in (("prefill", prefills), ("decode", decodes)) if not ws)
+            raise RouterError(Code.UNAVAILABLE, f"no {missing} workers are registered in cluster "
+                                                f"{cfg.cluster_name!r}")
+        dinfo, reserved = await self._reserve(v, decodes, run, time_remaining)
+        lease_end = time.perf_counter() + cfg.reserve_lease_ms / 1000.0
+        dest = wpb.KVDestination(worker_id=dinfo.worker_id, transport=reserved.transport or dinfo.transport,
+                                 transport_endpoint=reserved.transport_endpoint or dinfo.transport_endpoint,
+                                 block_ids=reserved.block_ids)
+        sampling = sampling_to_proto(v.sampling)
+        t_prefill = time.perf_counter()
+        pinfo, prefilled = await self._prefill(
+            v, prefills, wpb.PrefillRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling, dest=dest),
+            run, _earliest(lease_end, time_remaining))
+        first = pb.Delta(token_ids=[prefilled.first_token_id], text=prefilled.text)
+        if prefilled.HasField("first_logprobs"):
+            first.logprobs.append(prefilled.first_logprobs)
+        ttft_ms = _ms(t0)
+        yield pb.GenerateResponse(request_id=rid, delta=first)
+        pt = prefilled.timing
+        timing = pb.Timing(queue_ms=_ms(t0, t_prefill) + pt.queue_ms, prefill_ms=pt.prefill_ms,
+                           kv_handoff_ms=pt.kv_handoff_ms, ttft_ms=ttft_ms)
+        usage = pb.Usage(prompt_tokens=len(v.token_ids), completion_tokens=1,
+                         cached_prompt_tokens=pt.num_cached_tokens)
+        final = pb.Final(usage=usage, timing=timing, prefill_worker=pinfo.worker_id,
+                         decode_worker=dinfo.worker_id)
+        if prefilled.finish_reason:  # the first token ended it: no KV was pushed, free the reservation
+            final.finish_reason = prefilled.finish_reason
+            final.decode_worker = ""
+            self._spawn_cleanup(run)
+        else:
+            async for delta in self._decode(v, dinfo, sampling, prefilled.first_token_id, run, final,
+                                            time_remaining):
+                yield pb.GenerateResponse(request_id=rid, delta=delta)
+        run.finished = True
+        final.timing.total_ms = _ms(t0)
+        yield pb.GenerateResponse(request_id=rid, final=final)
+
+    async def _decode(self, v: ValidRequest, dinfo: WorkerInfo, sampling: pb.SamplingParams, first_token: int,
+                      run: _Run, final: pb.Final,
+                      time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.Delta]:
+        """Stream the decode worker's chunks as deltas; fills `final`'s finish reason, usage and timing."""
+        cfg, rid = self.config, v.request_id
+        call = self.channels.stub(dinfo.address).Decode(
+            wpb.DecodeRequest(request_id=rid, token_ids=v.token_ids, first_token_id=first_token, sampling=sampling),
+            timeout=time_remaining())
+        run.decode_call = call
+        what = f"decode on worker {dinfo.worker_id} ({dinfo.address})"
+        chunks = 0
+        while not final.finish_reason:
+            limit = cfg.decode_chunk_timeout_s if chunks else cfg.decode_first_token_timeout_s
+            try:
+                chunk = await asyncio.wait_for(call.read(), limit)
+            except TimeoutError:
+                raise RouterError(Code.DEADLINE_EXCEEDED, f"{what}: no tokens for {limit:g}s") from None
+            except grpc.aio.AioRpcError as err:
+                raise worker_error(err, what) from None
+            if chunk is grpc.aio.EOF:
+                raise RouterError(Code.ABORTED, f"{what}: stream ended without a finish reason")
+            if not chunks:
+                final.timing.first_decode_step_ms = chunk.first_step_ms
+            chunks += 1
+            final.usage.completion_tokens += len(chunk.token_ids)
+            final.finish_reason = chunk.finish_reason
+            if chunk.token_ids or chunk.text:
+                yield pb.Delta(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+
+    async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: _Run,
+                       time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
+        """Registry pick-and-reserve, then the worker's own Reserve; next worker if it is full or down."""
+        infos = {w.worker_id: w for w, _ in decodes}
+        n_blocks = -(-len(v.token_ids) // decodes[0][0].block_size)
+        by_room = sorted(decodes, key=lambda w: (-w[1].free_kv_blocks, w[0].worker_id))
+        candidates: list[str | None] = [None, *(w.worker_id for w, _ in by_room)]  # None: registry's pick
+        tried: set[str] = set()
+        failures: list[str] = []
+        for cand in candidates:
+            if len(tried) >= self.config.max_decode_attempts:
+                break
+            if cand in tried:
+                continue
+            wid = await self.reg(self.registry.reserve_decode(n_blocks, worker_id=cand))
+            if wid is None:
+                continue
+            tried.add(wid)
+            committed = False
+            try:
+                info = infos.get(wid)
+                if info is None:  # registered after our listing; skip it this time
+                    continue
+                run.workers[wid] = info
+                req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
+                                         lease_ms=self.config.reserve_lease_ms)
+                reply = await self.channels.stub(info.address).Reserve(
+                    req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
+                committed = True
+                return info, reply
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
+                    raise worker_error(err, f"reserve on decode worker {wid} ({info.address})") from None
+                failures.append(f"{wid}: {err.code().name} {err.details()}")
+            finally:
+                await self._quietly(self.registry.release_decode(wid, n_blocks, committed=committed))
+        if failures:
+            code = Code.UNAVAILABLE if all("UNAVAILABLE" in f for f in failures) else Code.RESOURCE_EXHAUSTED
+            raise RouterError(code, f"no decode worker could reserve {n_blocks} KV blocks: {'; '.join(failures)}")
+        raise RouterError(Code.RESOURCE_EXHAUSTED, f"no decode worker has room for {n_blocks} KV blocks "
+                                                   f"({len(decodes)} decode workers registered)")
+
+    async def _prefill(self, v: ValidRequest, prefills: list[tuple[WorkerInfo, WorkerLoad]],
+                       req: wpb.PrefillRequest, run: _Run,
+                       time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.PrefillReply]:
+        """Prefill on the policy's choice; the next choice only if the worker is unreachable.
+        `time_remaining` is bounded by the decode reservation's lease: KV pushed later has nowhere to go."""
+        prefix_aware = self.policy.name == "prefix_aware"  # nothing else reads the hashes
+        hashes = chain_block_hashes(v.token_ids, prefills[0][0].block_size) if prefix_aware else []
+        order = (await self.reg(self.policy.order(prefills, hashes)))[: self.config.max_prefill_attempts]
+        for i, info in enumerate(order):
+            run.workers[info.worker_id] = info
+            what = f"prefill on worker {info.worker_id} ({info.address})"
+            await self.reg(self.registry.incr_inflight(info.worker_id))
+            try:
+                reply = await self.channels.stub(info.address).Prefill(
+                    req, timeout=self._timeout(self.config.prefill_timeout_s, time_remaining))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == Code.UNAVAILABLE and i + 1 < len(order):
+                    log.warning("%s unreachable, trying the next prefill worker: %s", what, err.details())
+                    continue
+                raise worker_error(err, what) from None
+            finally:
+                await self._quietly(self.registry.decr_inflight(info.worker_id))
+            if hashes:
+                await self._quietly(self.registry.record_prefixes(info.worker_id, hashes,
+                                                                  self.config.prefix_ttl_s))
+            return info, reply
+        raise RouterError(Code.UNAVAILABLE, "no prefill worker could be tried")  # order was empty
+
+    async def _quietly(self, coro: Awaitable[Any]) -> None:
+        """Bookkeeping that must not mask the request's own outcome (and survives a second cancel)."""
+        try:
+            await asyncio.shield(coro)
+        except Exception as exc:  # noqa: BLE001 - logged; the counters also expire on their own
+            log.warning("registry bookkeeping failed: %s", exc)
+
+    async def _cleanup(self, run: _Run) -> None:
+        """Cancel the Decode stream and tell every worker involved to free the request (idempotent)."""
+        if run.decode_call is not None:
+            run.decode_call.cancel()
+        req = wpb.CancelRequest(request_id=run.request_id)
+
+        async def cancel(info: WorkerInfo) -> None:
+            try:
+                await self.channels.stub(info.address).Cancel(req, timeout=self.config.cancel_timeout_s)
+            except grpc.aio.AioRpcError as err:
+                log.info("Cancel(%s) on %s failed: %s", run.request_id, info.worker_id, err.code().name)
+
+        await asyncio.gather(*(cancel(w) for w in run.workers.values()))
+
+    async def close(self) -> None:
+        """Wait for pending cleanups (at shutdown)."""
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)

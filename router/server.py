@@ -1,0 +1,173 @@
+"""The public gRPC endpoint: GenerateService, standard health (SERVING once the cluster has at least one
+prefill and one decode worker) and reflection, on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from pdserve import __version__
+from pdserve.v1 import generate_pb2 as pb
+from pdserve.v1 import generate_pb2_grpc as pb_grpc
+
+from cluster.registry import AsyncRegistry
+from router.channels import WorkerChannels
+from router.config import RouterConfig
+from router.errors import RouterError
+from router.model_info import ModelInfo
+from router.orchestrator import Orchestrator
+from router.policy import make_policy
+
+try:  # the GPU image lacks these: add grpcio-health-checking/-reflection == grpcio's version to its bundle
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+except ImportError as exc:
+    raise ImportError(f"the router needs grpcio-health-checking=={grpc.__version__}: {exc}") from exc
+try:
+    from grpc_reflection.v1alpha import reflection
+except ImportError:  # optional: only tools like grpcurl use it
+    reflection = None
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _write(context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) -> bool:
+    """Send one response; False if the call has already ended: a client cancel or deadline can reach grpc's
+    core before it reaches this handler, and the write then fails (ExecuteBatchError) instead."""
+    try:
+        await context.write(msg)
+    except grpc.aio.BaseError as exc:
+        log.debug("Generate: write after the call ended (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
+
+
+class GenerateServicer(pb_grpc.GenerateServiceServicer):
+    """Thin gRPC adapter over the Orchestrator: statuses out of RouterErrors, cleanup on cancel."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orch = orchestrator
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine writing with context.write (not an async generator), so that when the client
+        # cancels, `aclose()` runs the orchestrator's cleanup right away instead of at garbage collection.
+        responses = self.orch.generate(request, context.time_remaining)
+        try:
+            async for msg in responses:
+                if not await _write(context, msg):
+                    return  # the client is gone: cancelled, or its deadline passed; cleanup is below
+        except RouterError as err:
+            await context.abort(err.code, err.reason)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug: say so, instead of grpc's bare UNKNOWN
+            log.exception("Generate(%s) failed", request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"router error: {type(exc).__name__}: {exc}")
+        finally:
+            await responses.aclose()
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        orch, model = self.orch, self.orch.model
+        try:
+            workers = await orch.reg(orch.registry.list_workers())
+        except RouterError as err:
+            await context.abort(err.code, err.reason)
+        decode = [w for w, _ in workers if w.role == "decode"]
+        prefill = [w for w, _ in workers if w.role == "prefill"]
+        sizes = {w.block_size for w in decode + prefill}
+        return pb.ServerInfo(
+            model=model.name, max_model_len=model.max_model_len, vocab_size=model.vocab_size,
+            num_prefill_workers=len(prefill), num_decode_workers=len(decode),
+            transport=",".join(sorted({w.transport for w in decode})), mode="disaggregated",
+            policy=orch.policy.name, block_size=sizes.pop() if len(sizes) == 1 else 0, version=__version__)
+
+
+class RouterServer:
+    """A running router; `port` is the bound port (useful with `RouterConfig.port=0`)."""
+
+    def __init__(self, config: RouterConfig, server: grpc.aio.Server, port: int, orchestrator: Orchestrator,
+                 health_servicer: health.aio.HealthServicer) -> None:
+        self.config = config
+        self.server = server
+        self.port = port
+        self.orchestrator = orchestrator
+        self._health = health_servicer
+        self._health_task: asyncio.Task[None] | None = None
+        self.serving = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def update_health(self) -> bool:
+        """Poll the registry once; SERVING iff at least one prefill and one decode worker are live."""
+        try:
+            roles = {w.role for w, _ in await self.orchestrator.registry.list_workers()}
+            serving = {"prefill", "decode"} <= roles
+        except Exception as exc:  # noqa: BLE001 - Redis down: not serving, keep polling
+            log.warning("health: registry unavailable: %s", exc)
+            serving = False
+        if serving != self.serving:
+            log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, _SERVING if serving else _NOT_SERVING)
+        return serving
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            await self.update_health()
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.update_health()
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting requests, let running ones finish for `grace` seconds, then release everything."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.orchestrator.close()
+        await self.orchestrator.channels.close()
+        await self.orchestrator.registry.aclose()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(config: RouterConfig) -> RouterServer:
+    """Build and start a router; ValueError for a bad model directory, RuntimeError if the port is taken."""
+    model = ModelInfo.load(config.model_dir, config.served_model_name, config.max_model_len)
+    registry = AsyncRegistry(config.redis_url, config.cluster_name)
+    orchestrator = Orchestrator(config, model, registry, WorkerChannels(),
+                                make_policy(config.policy, registry, config.prefix_load_slack))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection is not None:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+    else:
+        log.warning("grpcio-reflection is not installed: serving without reflection")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:
+        await registry.aclose()
+        raise RuntimeError(f"router cannot bind {config.host}:{config.port}: {exc}") from None
+    router = RouterServer(config, server, port, orchestrator, health_servicer)
+    await router.start()
+    log.info("router on %s: model %s, policy %s, cluster %s", router.address, model.name, config.policy,
+             config.cluster_name)
+    return router

@@ -1,0 +1,344 @@
+"""SDK + router over real gRPC on loopback and a real redis-server. Workers are small WorkerService
+servers with scripted behaviour (real gRPC, no model), so the orchestration, statuses and cleanup are
+tested here; end-to-end tests with real engines live elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pdserve
+import pytest
+from pdserve.errors import error_for
+from pdserve.v1 import worker_pb2 as wpb
+from pdserve.v1 import worker_pb2_grpc
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from cluster.prefix_hash import chain_block_hashes, hash_block
+from cluster.registry import Registry, WorkerInfo, WorkerLoad
+from router.config import RouterConfig
+from router.server import RouterServer, serve
+from tests.redis_fixtures import unique_cluster
+
+BLOCK = 4
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world how are you", "a b c d e f g"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenizer-only model directory: a WordLevel tokenizer trained on a few sentences."""
+    d = tmp_path_factory.mktemp("tok-model")
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "add_bos_token": True}))
+    return d
+
+
+class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
+    """A scripted worker: decode streams `tokens` one per chunk (after `delay_s` each)."""
+
+    def __init__(self, role: str, *, reserve_code: grpc.StatusCode | None = None,
+                 prefill_code: grpc.StatusCode | None = None, tokens: tuple[int, ...] = (5, 6, 7),
+                 delay_s: float = 0.0) -> None:
+        self.role, self.reserve_code, self.prefill_code = role, reserve_code, prefill_code
+        self.tokens, self.delay_s = tokens, delay_s
+        self.calls: list[tuple[str, str]] = []
+        self.cancels: list[str] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Reserve(self, req: wpb.ReserveRequest, ctx: grpc.ServicerContext) -> wpb.ReserveReply:
+        self.calls.append(("Reserve", req.request_id))
+        if self.reserve_code is not None:
+            ctx.abort(self.reserve_code, "no room for the KV")
+        n = -(-req.num_tokens // BLOCK)
+        return wpb.ReserveReply(block_ids=list(range(n)), transport="grpc", transport_endpoint="fake:1")
+
+    def Prefill(self, req: wpb.PrefillRequest, ctx: grpc.ServicerContext) -> wpb.PrefillReply:
+        self.calls.append(("Prefill", req.request_id))
+        if self.prefill_code is not None:
+            ctx.abort(self.prefill_code, "KV push to fake:1 failed")
+        assert req.dest.transport_endpoint == "fake:1" and len(req.dest.block_ids) == -(-len(req.token_ids) // BLOCK)
+        reply = wpb.PrefillReply(first_token_id=4, timing=wpb.PrefillTiming(queue_ms=1, prefill_ms=2,
+                                                                             kv_handoff_ms=3))
+        if req.sampling.HasField("logprobs"):
+            reply.first_logprobs.token_id, reply.first_logprobs.logprob = 4, -0.5
+        if req.sampling.max_tokens == 1:  # the first token ends the request: no KV push, no decode
+            reply.finish_reason, reply.text = "length", "w4"
+        return reply
+
+    def Decode(self, req: wpb.DecodeRequest, ctx: grpc.ServicerContext) -> Iterator[wpb.DecodeChunk]:
+        self.calls.append(("Decode", req.request_id))
+        n = min(len(self.tokens), req.sampling.max_tokens - 1)
+        for i, t in enumerate(self.tokens[:n]):
+            time.sleep(self.delay_s)
+            if not ctx.is_active():
+                return
+            text = (f"w{req.first_token_id}" if i == 0 else "") + f" w{t}"
+            yield wpb.DecodeChunk(token_ids=[t], text=text, first_step_ms=0.5 if i == 0 else 0.0,
+                                  finish_reason="length" if i == n - 1 else "")
+
+    def Cancel(self, req: wpb.CancelRequest, ctx: grpc.ServicerContext) -> wpb.CancelReply:
+        self.cancels.append(req.request_id)
+        return wpb.CancelReply(found=True)
+
+
+class Cluster:
+    """A router in a background event loop, plus registered fake workers, under a fresh cluster name."""
+
+    def __init__(self, redis_url: str, model_dir: Path, **config: object) -> None:
+        self.name = unique_cluster("sdk")
+        self.registry = Registry(redis_url, self.name)
+        self.workers: list[FakeWorker] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        cfg = RouterConfig(model_dir=str(model_dir), redis_url=redis_url, cluster_name=self.name,
+                           max_model_len=32, health_interval_s=0.1, **config)  # type: ignore[arg-type]
+        self.router: RouterServer = self._run(serve(cfg))
+        self.client = pdserve.Client(self.router.address, timeout=10)
+
+    def _run(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
+
+    def add(self, worker_id: str, role: str, free_blocks: int = 100, **kw: object) -> FakeWorker:
+        w = FakeWorker(role, **kw)  # type: ignore[arg-type]
+        info = WorkerInfo(worker_id, role, f"127.0.0.1:{w.port}", "tiny", "grpc", "", "h0", 100, BLOCK)
+        self.registry.register(info, ttl_s=60, load=WorkerLoad(0, 0, free_blocks, 0))
+        self.workers.append(w)
+        return w
+
+    def close(self) -> None:
+        self.client.close()
+        self._run(self.router.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        for w in self.workers:
+            w.server.stop(0)
+        self.registry.close()
+
+
+@pytest.fixture
+def make_cluster(redis_server, model_dir: Path) -> Iterator[Callable[..., Cluster]]:  # type: ignore[no-untyped-def]
+    made: list[Cluster] = []
+
+    def make(**config: object) -> Cluster:
+        made.append(Cluster(redis_server.url, model_dir, **config))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+# --- standalone ---------------------------------------------------------------------------------------
+
+
+def test_prefix_hashes_are_chained_full_blocks() -> None:
+    ids = list(range(10))
+    h = chain_block_hashes(ids, 4)
+    assert len(h) == 2 and all(len(x) == 32 and int(x, 16) >= 0 for x in h)
+    assert h == chain_block_hashes(ids[:8], 4) == chain_block_hashes(ids + [99], 4)[:2]
+    assert h[1] == hash_block(hash_block(None, ids[:4]), ids[4:8])
+    changed = chain_block_hashes([42, *ids[1:]], 4)
+    assert changed[0] != h[0] and changed[1] != h[1]  # a change early changes every later hash
+    assert chain_block_hashes(ids[4:8], 4)[0] != h[1]  # same block, different prefix
+    assert chain_block_hashes([1, 2, 3], 4) == [] and chain_block_hashes([], 4) == []
+    with pytest.raises(ValueError):
+        chain_block_hashes(ids, 0)
+
+
+def test_imports_stay_torch_free() -> None:
+    code = ("import sys, pdserve, router.server, router.__main__; "
+            "bad = [m for m in ('torch', 'transformers', 'ray') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_typed_errors_and_client_side_encoding() -> None:
+    e = error_for(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
+    assert isinstance(e, pdserve.ResourceExhaustedError) and isinstance(e, pdserve.PdserveError)
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "full" and "full" in str(e)
+    assert type(error_for(grpc.StatusCode.DATA_LOSS, "x")) is pdserve.PdserveError
+    with pdserve.Client("127.0.0.1:1") as c:
+        with pytest.raises(pdserve.InvalidArgumentError, match="cannot encode"):
+            c.generate([2**40])
+        with pytest.raises(pdserve.InvalidArgumentError, match="prompt must be"):
+            c.generate(3.5)  # type: ignore[arg-type]
+        with pytest.raises(pdserve.UnavailableError) as info:
+            c.generate("hello", timeout=2)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_router_config_validation() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        RouterConfig(model_dir="m", redis_url="redis://x", policy="random")
+    with pytest.raises(ValueError, match="max_queue"):
+        RouterConfig(model_dir="m", redis_url="redis://x", max_queue=-1)
+
+
+# --- router without workers ---------------------------------------------------------------------------
+
+
+def test_no_workers_unavailable_and_not_serving(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    assert c.client.health() == "NOT_SERVING"
+    assert c.client.health("pdserve.v1.GenerateService") == "NOT_SERVING"
+    info = c.client.server_info()
+    assert (info.model, info.max_model_len, info.mode) == ("tok-model0", 32, "disaggregated")
+    assert info.vocab_size > 10 and info.num_prefill_workers == info.num_decode_workers == 0
+    with pytest.raises(pdserve.UnavailableError, match="no prefill and decode workers"):
+        c.client.generate("hello world")
+
+
+@pytest.mark.parametrize(("prompt", "kwargs", "reason"), [
+    ("", {}, "prompt is empty"),
+    ([], {}, "prompt is empty"),
+    ("hello " * 20, {"max_tokens": 16}, "exceeds max_model_len"),
+    ("hello", {"temperature": -1.0}, "temperature"),
+    ("hello", {"top_p": 0.0}, "top_p"),
+    ("hello", {"top_k": 0}, "top_k"),
+    ("hello", {"max_tokens": 0}, "max_tokens"),
+    ("hello", {"model": "gpt-9"}, "unknown model 'gpt-9'"),
+    ([1, 2, 100000], {}, "token id 100000 at position 2 is out of the vocabulary"),
+    ([-3], {}, "token id -3"),
+    ("hello", {"request_id": "has space"}, "request_id"),
+])
+def test_invalid_arguments(make_cluster, prompt, kwargs, reason) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    with pytest.raises(pdserve.InvalidArgumentError) as info:
+        c.client.generate(prompt, **kwargs)
+    assert reason in info.value.reason and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_queue_full_and_no_decode_room(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(max_queue=0)
+    with pytest.raises(pdserve.ResourceExhaustedError, match="queue is full"):
+        c.client.generate("hello")
+    c = make_cluster()
+    c.add("p0", "prefill")
+    d = c.add("d0", "decode", free_blocks=0)
+    c.client.wait_until_serving(timeout=5)
+    with pytest.raises(pdserve.ResourceExhaustedError, match="no decode worker has room"):
+        c.client.generate("hello world")
+    assert d.calls == []
+
+
+# --- orchestration with scripted workers --------------------------------------------------------------
+
+
+def test_generate_and_stream(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    p, d = c.add("p0", "prefill"), c.add("d0", "decode")
+    c.client.wait_until_serving(timeout=5)
+    r = c.client.generate("hello world", max_tokens=4, logprobs=1, request_id="req-1")
+    assert (r.request_id, r.text, r.token_ids, r.finish_reason) == ("req-1", "w4 w5 w6 w7", [4, 5, 6, 7], "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 4)  # <s> hello world
+    assert r.timing.prefill_ms == 2 and r.timing.kv_handoff_ms == 3 and r.timing.first_decode_step_ms == 0.5
+    assert 0 < r.timing.ttft_ms <= r.timing.total_ms and r.ttft_s is not None and r.ttft_s <= r.total_s
+    assert r.logprobs is not None and r.logprobs[0].logprob == -0.5
+    assert (r.prefill_worker, r.decode_worker) == ("p0", "d0")
+    assert [m for m, _ in d.calls] == ["Reserve", "Decode"] and p.calls == [("Prefill", "req-1")]
+    assert c.registry.outstanding_blocks("d0") == 0 and not d.cancels and not p.cancels
+    deltas = list(c.client.generate_stream([1, 5, 6], max_tokens=2))
+    assert [x.token_ids for x in deltas[:-1]] == [[4], [5]] and deltas[-1].is_final
+    info = c.client.server_info()
+    assert (info.num_prefill_workers, info.num_decode_workers, info.transport, info.block_size) == (1, 1, "grpc", 4)
+
+    async def use_async() -> pdserve.GenerateResult:
+        async with pdserve.AsyncClient(c.router.address, timeout=10) as ac:
+            assert await ac.health() == "SERVING"
+            return await ac.generate("hello", max_tokens=1, temperature=0)
+
+    r = asyncio.run(use_async())
+    assert (r.token_ids, r.text, r.finish_reason, r.decode_worker) == ([4], "w4", "length", "")
+    wait_for(lambda: d.cancels == [r.request_id])  # finished at prefill: the reservation is freed
+    assert ("Decode", r.request_id) not in d.calls
+
+
+def test_client_cancel_frees_both_workers(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    p, d = c.add("p0", "prefill"), c.add("d0", "decode", tokens=tuple(range(5, 20)), delay_s=0.2)
+    c.client.wait_until_serving(timeout=5)
+    for delta in c.client.generate_stream("hello", max_tokens=16, request_id="gone"):
+        assert delta.token_ids == [4]
+        break
+    wait_for(lambda: "gone" in d.cancels and "gone" in p.cancels)
+    assert c.router.orchestrator.num_inflight == 0
+
+    async def cancel_async() -> None:
+        async with (pdserve.AsyncClient(c.router.address) as ac,
+                    ac.generate_stream("hello", max_tokens=16, request_id="gone-async") as s):
+            async for _ in s:
+                break
+
+    asyncio.run(cancel_async())
+    wait_for(lambda: "gone-async" in d.cancels)
+    with pytest.raises(pdserve.DeadlineExceededError):
+        c.client.generate("hello", max_tokens=16, request_id="slow", timeout=0.5)
+    wait_for(lambda: "slow" in d.cancels and c.router.orchestrator.num_inflight == 0)
+
+
+def test_worker_failures_map_to_statuses(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    c.add("p0", "prefill", prefill_code=grpc.StatusCode.ABORTED)
+    d = c.add("d0", "decode")
+    with pytest.raises(pdserve.AbortedError, match="KV handoff failed"):
+        c.client.generate("hello", request_id="abort-1")
+    wait_for(lambda: "abort-1" in d.cancels)
+    assert c.registry.outstanding_blocks("d0") == 0
+
+    c = make_cluster()
+    c.add("p0", "prefill")
+    dead = WorkerInfo("d-dead", "decode", "127.0.0.1:1", "tiny", "grpc", "", "h0", 100, BLOCK)
+    c.registry.register(dead, ttl_s=60)
+    with pytest.raises(pdserve.UnavailableError, match="d-dead"):
+        c.client.generate("hello")
+
+
+def test_decode_retry_and_prefill_policies(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(policy="round_robin")
+    full = c.add("d0", "decode", free_blocks=100, reserve_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    c.add("d1", "decode", free_blocks=50)
+    c.add("p0", "prefill")
+    c.add("p1", "prefill")
+    used = {c.client.generate("hello").prefill_worker for _ in range(4)}
+    assert used == {"p0", "p1"}
+    assert full.calls and c.client.generate("hello").decode_worker == "d1"
+
+    c = make_cluster(policy="prefix_aware")
+    c.add("d0", "decode")
+    c.add("p0", "prefill")
+    c.add("p1", "prefill")
+    prompt = list(range(3, 12))  # two full blocks
+    first = c.client.generate(prompt).prefill_worker
+    assert all(c.client.generate(prompt + [3]).prefill_worker == first for _ in range(3))
+
+
+def test_registry_down_is_unavailable(model_dir: Path) -> None:
+    c = Cluster("redis://127.0.0.1:1/0", model_dir)  # nothing listens there
+    try:
+        assert c.client.health() == "NOT_SERVING"
+        with pytest.raises(pdserve.UnavailableError, match="registry"):
+            c.client.generate("hello")
+    finally:
+        c.close()
