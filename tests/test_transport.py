@@ -1,0 +1,326 @@
+"""KV transports end to end: real receivers and senders in separate processes, no mocks.
+
+Each peer is a spawned process driven over a pipe by the test (see `_peer`). Caches are filled with
+seeded random values, so the test rebuilds every peer's initial cache locally and checks the receiver's
+final cache bit for bit: destination blocks hold the sender's source blocks, every other block is as it
+was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cluster.engine.kv_layout import KVLayout
+from cluster.transport import TransportError, create_transport, resolve_auto, transport_names
+
+NUM_BLOCKS = 24
+CPU_TRANSPORTS = ["gloo", "grpc"]
+
+
+def _layout(dtype: torch.dtype) -> KVLayout:
+    return KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype=dtype)
+
+
+def _initial_cache(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(_layout(dtype).cache_shape(NUM_BLOCKS), generator=g).to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _peer(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, kw: dict[str, Any]) -> None:
+    """A worker process: owns one transport and answers (command, *args) messages until "exit"."""
+    faulthandler.enable()
+    pad = torch.ones(300, device=device)  # noqa: F841  # on CUDA: the cache then sits at an offset in its segment
+    cache = _initial_cache(dtype, seed).to(device)
+    transport = create_transport(name, _layout(dtype), cache, **kw)
+    keep: list[Any] = []
+    while True:
+        cmd, *args = conn.recv()
+        t0, out = time.monotonic(), None
+        faulthandler.dump_traceback_later(20)  # a command stuck this long prints every thread's stack
+        try:
+            if cmd == "exit":
+                transport.close()
+                conn.send(("ok", None, 0.0))
+                return
+            if cmd == "cache":
+                out = cache.cpu()
+            elif cmd == "half_send":
+                keep.append(_half_send(transport, *args))
+            else:
+                out = getattr(transport, cmd)(*args)
+            faulthandler.cancel_dump_traceback_later()
+            conn.send(("ok", out, time.monotonic() - t0))
+        except Exception as e:
+            faulthandler.cancel_dump_traceback_later()
+            conn.send(("err", f"{type(e).__name__}: {e}", time.monotonic() - t0,
+                       [c.__name__ for c in type(e).__mro__], traceback.format_exc()))
+
+
+def _half_send(transport: Any, endpoint: str, rid: str, dst: list[int], timeout_s: float) -> Any:
+    """torch_dist only: pair and announce a transfer, then never send the data (a sender that hangs or
+    dies between header and data). Uses the wire protocol's internals on purpose."""
+    from cluster.transport._store_ctl import StoreClient
+
+    ctl = StoreClient(endpoint, timeout_s)
+    ctl.push({"op": "pair", "timeout": timeout_s}, timeout_s)
+    pg = transport._new_pg(ctl.store.clone(), ctl.pair, 0, timeout_s)
+    shape = list(transport.layout.cache_shape(len(dst)))
+    ctl.push({"op": "kv", "seq": 1, "rid": rid, "dst": dst, "dtype": str(transport.layout.dtype), "shape": shape,
+              "timeout": timeout_s}, timeout_s)
+    return ctl, pg
+
+
+class Peer:
+    """Test-side handle of a `_peer` process."""
+
+    def __init__(self, name: str, dtype: torch.dtype, seed: int, device: str = "cpu", **kw: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_peer, args=(child, name, dtype, device, seed, kw), daemon=True)
+        self.proc.start()
+        self.seed, self.dtype = seed, dtype
+
+    def call(self, cmd: str, *args: Any, timeout: float = 30.0) -> tuple[Any, float]:
+        """Run a command in the peer; returns (result, seconds it took); re-raises errors as RemoteError."""
+        self.conn.send((cmd, *args))
+        if not self.conn.poll(timeout):
+            raise AssertionError(f"peer did not answer {cmd} within {timeout}s")
+        status, out, elapsed, *err = self.conn.recv()
+        if status == "err":
+            raise RemoteError(out, err[0], err[1], elapsed)
+        return out, elapsed
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+
+    def stop(self) -> int | None:
+        """Ask the peer to close its transport and exit; returns its exit code (0: clean)."""
+        if self.proc.is_alive():
+            with contextlib.suppress(Exception):
+                self.call("exit", timeout=10)
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.kill()
+        return self.proc.exitcode
+
+
+def _stop_all(*peers: Peer) -> None:
+    """Stop peers that are still running and check that they exited cleanly (no C++ abort at teardown)."""
+    codes = {i: p.stop() for i, p in enumerate(peers) if p.proc.is_alive()}
+    assert all(c == 0 for c in codes.values()), f"peers exited with {codes}"
+
+
+class RemoteError(Exception):
+    def __init__(self, msg: str, mro: list[str], tb: str, elapsed: float) -> None:
+        super().__init__(msg)
+        self.mro, self.tb, self.elapsed = mro, tb, elapsed
+
+
+def _pick(rng: torch.Generator, n: int) -> tuple[list[int], list[int]]:
+    src = torch.randperm(NUM_BLOCKS, generator=rng)[:n].tolist()
+    dst = torch.randperm(NUM_BLOCKS, generator=rng)[:n].tolist()
+    return src, dst
+
+
+def _check_cache(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    diff = (_bits(got) != _bits(expected)).flatten(3).any(-1).any(0).any(0).nonzero().flatten().tolist()
+    assert not diff, f"blocks differ from the expected cache: {diff}"
+
+
+def _scenario(name: str, dtype: torch.dtype, device: tuple[str, str, str] = ("cpu", "cpu", "cpu"),
+              **kw: Any) -> None:
+    """Receiver R, senders S1 (now) and S2 (pairs later, no restart); forget; timeouts; dead receiver."""
+    recv = Peer(name, dtype, seed=1, device=device[0], **kw)
+    s1 = Peer(name, dtype, seed=2, device=device[1], **kw)
+    s2 = Peer(name, dtype, seed=3, device=device[2], **kw)
+    try:
+        rng = torch.Generator().manual_seed(7)
+        expected = _initial_cache(dtype, 1)
+        endpoint, _ = recv.call("listen")
+        for sender, rid, n in ((s1, "r1", 5), (s1, "r1b", 1), (s2, "r2", 7)):
+            src, dst = _pick(rng, n)
+            dst = [b for b in dst if b not in (0, 1)]  # 0, 1 stay reserved for the forgotten request
+            src = src[:len(dst)]
+            recv.call("expect", rid, dst)
+            sender.call("send", endpoint, rid, src, dst, 20.0)
+            recv.call("wait_received", rid, 5.0)
+            expected[:, :, dst] = _initial_cache(dtype, sender.seed)[:, :, src]
+        _check_cache(recv.call("cache")[0], expected)
+
+        # A forgotten request's late data is dropped (sender told), not written.
+        recv.call("expect", "gone", [0, 1])
+        recv.call("forget", "gone")
+        with pytest.raises(RemoteError) as ei:
+            s1.call("send", endpoint, "gone", [2, 3], [0, 1], 10.0)
+        assert "TransportRejected" in ei.value.mro, ei.value.tb
+        # Never-announced ids are dropped too; the pair survives rejections.
+        with pytest.raises(RemoteError):
+            s2.call("send", endpoint, "unknown", [4], [5], 10.0)
+        _check_cache(recv.call("cache")[0], expected)
+        src, dst = [9, 10], [0, 1]
+        recv.call("expect", "after", dst)
+        s2.call("send", endpoint, "after", src, dst, 20.0)
+        assert recv.call("poll_received")[0] == ["after"]
+        expected[:, :, dst] = _initial_cache(dtype, s2.seed)[:, :, src]
+        _check_cache(recv.call("cache")[0], expected)
+
+        # wait_received times out (TimeoutError) instead of hanging.
+        recv.call("expect", "never", [2])
+        with pytest.raises(RemoteError) as ei:
+            recv.call("wait_received", "never", 0.3)
+        assert "TimeoutError" in ei.value.mro and 0.25 < ei.value.elapsed < 3
+
+        # A dead receiver: the sender raises TransportError within its timeout, both for a paired sender
+        # and for a fresh pairing.
+        recv.kill()
+        for sender in (s1, s2):
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError) as ei:
+                sender.call("send", endpoint, "late", [1, 2], [3, 4], 4.0)
+            assert "TransportError" in ei.value.mro, ei.value.tb
+            assert time.monotonic() - t0 < 8.0
+        _stop_all(s1, s2)
+    finally:
+        for p in (recv, s1, s2):
+            p.stop()
+
+
+def _stalled_scenario(name: str, device: tuple[str, str] = ("cpu", "cpu")) -> None:
+    """Misbehaving peers; the receiver and the senders must survive them (NCCL: no watchdog teardown).
+
+    torch_dist only, a silent sender: it announces a transfer and never sends the data; the receiver's pair
+    gives up after the announced timeout (+ grace) and the request stays pending.
+    A frozen receiver (SIGSTOP): the sender raises TransportError within its timeout; once the receiver
+    resumes, the same sender pairs again and delivers.
+    """
+    torch_dist = name in ("gloo", "nccl")
+    recv = Peer(name, torch.float32, seed=1, device=device[0], **({"recv_grace_s": 0.5} if torch_dist else {}))
+    sender = Peer(name, torch.float32, seed=2, device=device[1])
+    silent = Peer(name, torch.float32, seed=3, device=device[1]) if torch_dist else None
+    try:
+        endpoint, _ = recv.call("listen")
+        expected, src_cache = _initial_cache(torch.float32, 1), _initial_cache(torch.float32, 2)
+        recv.call("expect", "a", [1, 2])
+        sender.call("send", endpoint, "a", [3, 4], [1, 2], 20.0)
+        recv.call("wait_received", "a", 5.0)
+        expected[:, :, [1, 2]] = src_cache[:, :, [3, 4]]
+
+        if silent is not None:
+            recv.call("expect", "s", [11, 12])
+            silent.call("half_send", endpoint, "s", [11, 12], 1.0)
+            with pytest.raises(RemoteError) as ei:
+                recv.call("wait_received", "s", 3.0)  # 1 s announced + 0.5 s grace, then the pair is dropped
+            assert "TimeoutError" in ei.value.mro
+            silent.kill()
+            recv.call("forget", "s")
+
+        recv.call("expect", "b", [5, 6])
+        os.kill(recv.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RemoteError) as ei:
+                sender.call("send", endpoint, "b", [7, 8], [5, 6], 2.0)
+        finally:
+            os.kill(recv.proc.pid, signal.SIGCONT)
+        assert "TransportError" in ei.value.mro, ei.value.tb
+        assert ei.value.elapsed < 2.0 + 3.0, ei.value
+        recv.call("expect", "c", [9])
+        sender.call("send", endpoint, "c", [10], [9], 20.0)
+        recv.call("wait_received", "c", 5.0)
+        expected[:, :, [9]] = src_cache[:, :, [10]]
+        if "b" in recv.call("poll_received")[0]:  # the timed-out send may still have landed, intact
+            expected[:, :, [5, 6]] = src_cache[:, :, [7, 8]]
+        _check_cache(recv.call("cache")[0], expected)
+        _stop_all(recv, sender)
+    finally:
+        with contextlib.suppress(Exception):
+            os.kill(recv.proc.pid, signal.SIGCONT)
+        for p in (recv, sender, silent):
+            if p is not None:
+                p.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", CPU_TRANSPORTS)
+def test_transport_cpu(name: str, dtype: torch.dtype) -> None:
+    # grpc: odd-sized chunks, so every transfer streams several chunks that split elements
+    _scenario(name, dtype, **({"chunk_bytes": 1001} if name == "grpc" else {}))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", CPU_TRANSPORTS)
+def test_stalled_receiver_cpu(name: str) -> None:
+    _stalled_scenario(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("name", ["nccl", "cuda_ipc", "gloo"])
+def test_transport_two_gpus(name: str) -> None:
+    """Receiver on cuda:0, both senders on cuda:1 (NCCL cannot put two ranks of one pair on one GPU)."""
+    _scenario(name, torch.bfloat16, ("cuda:0", "cuda:1", "cuda:1"))
+    _stalled_scenario(name, ("cuda:0", "cuda:1"))
+
+
+def test_registry_and_auto() -> None:
+    assert transport_names() == ["cuda_ipc", "gloo", "grpc", "nccl"]
+    layout = _layout(torch.float32)
+    with pytest.raises(ValueError, match="cuda_ipc, gloo, grpc, nccl"):
+        create_transport("carrier_pigeon", layout, layout.allocate(2, "cpu"))
+    with pytest.raises(ValueError):  # a cache that does not match the layout
+        create_transport("gloo", layout, _layout(torch.bfloat16).allocate(2, "cpu"))
+    assert resolve_auto("cuda:0", "cuda:3", same_host=True) == "cuda_ipc"
+    assert resolve_auto("cuda", "cuda:1", same_host=False) == "nccl"
+    assert resolve_auto("cpu", "cpu", same_host=True) == "gloo"
+    assert resolve_auto("cuda:0", "cpu", same_host=True) == "gloo"
+
+
+def test_lazy_imports() -> None:
+    """Importing the package (or cuda_ipc on a machine without cupy) pulls in no grpc / cupy."""
+    code = ("import sys, cluster.transport, cluster.transport.cuda_ipc, cluster.transport.torch_dist;"
+            "bad = [m for m in ('grpc', 'cupy') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    if importlib.util.find_spec("cupy") is None:
+        layout = _layout(torch.float32)
+        with pytest.raises(ValueError, match="CUDA"):
+            create_transport("cuda_ipc", layout, layout.allocate(2, "cpu"))
+
+
+def test_wait_and_forget_local() -> None:
+    """Receiver bookkeeping without a peer: timeouts, unknown ids, forget, poll."""
+    layout = _layout(torch.float32)
+    t = create_transport("gloo", layout, layout.allocate(4, "cpu"))
+    try:
+        t.expect("a", [0, 1])
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            t.wait_received("a", 0.2)
+        assert 0.15 < time.monotonic() - t0 < 2
+        t.forget("a")
+        with pytest.raises(KeyError):
+            t.wait_received("a", 0.1)
+        assert t.poll_received() == []
+        with pytest.raises(TransportError):
+            t.send("127.0.0.1:1", "x", [0], [0], 2.0)  # nobody listens on port 1
+    finally:
+        t.close()
