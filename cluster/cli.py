@@ -21,9 +21,42 @@ def _offline(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     return run_offline
 
 
+def _up(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from cluster.serve import add_up_args, run_up
+
+    add_up_args(parser)
+    return run_up
+
+
+def _generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from cluster.client_cli import add_generate_args, run_generate
+
+    add_generate_args(parser)
+    return run_generate
+
+
+def _demo(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from cluster.client_cli import add_demo_args, run_demo
+
+    add_demo_args(parser)
+    return run_demo
+
+
+def _bench(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from cluster.bench.cli import add_bench_args, run_bench
+
+    add_bench_args(parser)
+    return run_bench
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {
+    "demo": ("bring up a local cluster, stream a few requests through the SDK, shut down", _demo),
+    "up": ("run a cluster (Ray + Redis + prefill/decode pools + router) until Ctrl-C", _up),
+    "generate": ("send one prompt to a running cluster through the SDK", _generate),
     "make-model": ("write a random-weight checkpoint with a locally built tokenizer", _make_model),
     "offline": ("generate with the offline engine (no cluster)", _offline),
+    "bench": ("measure: engine throughput (vs transformers), step latency vs hardware limits, serving goodput",
+              _bench),
 }
 
 

@@ -45,3 +45,14 @@ def model_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_llama(model_factory) -> Path:
     return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the session, with logical GPUs so workers are placed as on a GPU box."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, num_gpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -35,6 +35,7 @@ class EngineStats:
     num_reserved_blocks: int
     num_prefilled_held: int
     num_preemptions: int
+    num_prefix_cached_blocks: int
 
 
 class LLMEngine:
@@ -56,7 +57,9 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device,
+                                  use_cuda_graphs=not config.enforce_eager, max_batch=config.max_num_seqs,
+                                  max_model_len=self.max_model_len)
         eos = self.spec.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id
                                           is not None else ())
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
@@ -205,6 +208,7 @@ class LLMEngine:
             num_reserved_blocks=sum(len(b) for b in self._reservations.values()),
             num_prefilled_held=len(self._prefilled),
             num_preemptions=self.scheduler.num_preemptions,
+            num_prefix_cached_blocks=len(self.block_manager.hash_to_block),
         )
 
     def check_block_accounting(self) -> None:

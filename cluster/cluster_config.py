@@ -1,0 +1,96 @@
+"""Cluster configuration for `pdserve up`, `python -m cluster.serve` and the Helm chart (one YAML schema)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
+MODES = ("disaggregated",)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings every worker shares (see `cluster.config.EngineConfig`)."""
+
+    dtype: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A whole cluster: model, pools, transport, router and registry. `model=None`: the built-in tiny model."""
+
+    model: str | None = None
+    device: str = "cpu"
+    mode: str = "disaggregated"
+    prefill: int = 1
+    decode: int = 1
+    transport: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 50051  # router port; 0 picks a free one
+    redis_url: str | None = None  # None: start a private redis-server
+    cluster_name: str = "default"
+    policy: str = "least_loaded"
+    max_queue: int = 1024
+    reserve_lease_ms: int = 30_000
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    cpus_per_worker: float = 1.0
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.prefill < 1 or self.decode < 1:
+            raise ValueError("need at least one prefill and one decode worker")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.transport in ("nccl", "cuda_ipc") and self.device != "cuda":
+            raise ValueError(f"transport {self.transport!r} needs device 'cuda'")
+        if not (0 <= self.port <= 65535):
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be positive")
+
+    def resolved_transport(self) -> str:
+        """'auto' -> NCCL on GPUs (works within and across hosts), gloo (the same torch.distributed code) on CPU."""
+        if self.transport != "auto":
+            return self.transport
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown cluster config keys: {sorted(unknown)}; known: {sorted(known)}")
+        engine = data.get("engine") or {}
+        eknown = {f.name for f in dataclasses.fields(EngineOptions)}
+        if set(engine) - eknown:
+            raise ValueError(f"unknown engine keys: {sorted(set(engine) - eknown)}; known: {sorted(eknown)}")
+        return cls(**{**data, "engine": EngineOptions(**engine)})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ClusterConfig:
+        """A copy with the given non-None fields changed (CLI flags over the file)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,159 @@
+"""Bring a cluster up: Ray (connect or start), Redis (given or private), the worker pools, the router.
+
+`Cluster.start(config)` returns a running cluster; `shutdown()` drains and stops every part it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.builtin_model import ensure_builtin_model
+from cluster.cluster_config import ClusterConfig
+from cluster.config import EngineConfig
+from cluster.redis_server import RedisServer
+from cluster.worker.config import WorkerConfig
+from router.config import RouterConfig
+from router.server import RouterServer, serve
+
+log = logging.getLogger(__name__)
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+@dataclass
+class Cluster:
+    config: ClusterConfig
+    model_dir: str
+    redis_url: str
+    router: RouterServer
+    workers: list[Any] = field(default_factory=list)  # Ray actor handles
+    worker_info: list[dict[str, str]] = field(default_factory=list)
+    placement_group: Any = None
+    redis: RedisServer | None = None
+    started_ray: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.router.port}"
+
+    @classmethod
+    async def start(cls, config: ClusterConfig, progress: bool = True) -> Cluster:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        say = print if progress else (lambda *a, **k: None)
+        model_dir = config.model or str(ensure_builtin_model())
+        started_ray = False
+        if not ray.is_initialized():
+            address = config.ray_address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                n = config.prefill + config.decode
+                gpus = None if config.device == "cuda" else n  # logical GPUs place CPU workers the same way
+                # "local": a private Ray even where `ray start` left an address in /tmp/ray/ray_current_cluster
+                ray.init(address="local", num_cpus=max(2, int(n * config.cpus_per_worker) + 1), num_gpus=gpus,
+                         include_dashboard=False, log_to_driver=False)
+            started_ray = True
+        redis = None
+        redis_url = config.redis_url
+        if not redis_url:
+            redis = RedisServer().start()
+            redis_url = redis.url
+            say(f"pdserve: started redis-server at {redis_url}")
+        bundles = [{"GPU": 1, "CPU": config.cpus_per_worker}] * (config.prefill + config.decode)
+        pg = placement_group(bundles, strategy="PACK")
+        try:
+            await asyncio.wait_for(pg.ready(), timeout=120)
+        except TimeoutError:
+            raise RuntimeError(f"Ray could not place {len(bundles)} workers (1 GPU + {config.cpus_per_worker} CPU "
+                               f"each): {ray.available_resources()}") from None
+        router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
+                                  cluster_name=config.cluster_name, policy=config.policy, max_queue=config.max_queue,
+                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
+        router = await serve(router_cfg)
+        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
+        try:
+            await cluster._start_workers()
+        except BaseException:
+            await cluster.shutdown()
+            raise
+        say(f"pdserve: router on {cluster.address}, {config.prefill} prefill + {config.decode} decode workers, "
+            f"transport {config.resolved_transport()}")
+        return cluster
+
+    def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
+        c = self.config
+        engine = EngineConfig(model=self.model_dir, device=c.device, seed=index, **c.engine.__dict__)
+        return WorkerConfig(role=role, engine=engine, redis_url=self.redis_url, cluster_name=c.cluster_name,
+                            worker_id=f"{role}-{index}", transport=c.resolved_transport(), host=host)
+
+    def _worker_hosts(self, n: int) -> list[str]:
+        """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in
+        Kubernetes, where the router must listen on all interfaces) the IP of the Ray node holding its bundle,
+        so that workers on other nodes advertise an address the router and their peers can reach."""
+        import ray
+        from ray.util import placement_group_table
+
+        if self.config.host not in WILDCARD_HOSTS:
+            return [self.config.host] * n
+        node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+        bundle_nodes = placement_group_table(self.placement_group)["bundles_to_node_id"]
+        return [node_ips[bundle_nodes[i]] for i in range(n)]
+
+    async def _start_workers(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.worker.actor import WorkerActor
+
+        roles = ["prefill"] * self.config.prefill + ["decode"] * self.config.decode
+        env = {"OMP_NUM_THREADS": str(max(1, int(self.config.cpus_per_worker))), "RAY_DEDUP_LOGS": "0"}
+        actor_cls = ray.remote(WorkerActor)
+        hosts = self._worker_hosts(len(roles))
+        for i, role in enumerate(roles):
+            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+            self.workers.append(actor_cls.options(
+                num_gpus=1, num_cpus=self.config.cpus_per_worker, scheduling_strategy=strategy,
+                runtime_env={"env_vars": env}, max_concurrency=1000,
+            ).remote(self._worker_config(role, i, hosts[i])))
+        t0 = time.perf_counter()
+        self.worker_info = list(await asyncio.gather(*(w.start.remote() for w in self.workers)))
+        log.info("workers up in %.1fs: %s", time.perf_counter() - t0, self.worker_info)
+        await self.wait_until_serving(timeout_s=30)
+
+    async def wait_until_serving(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while not await self.router.update_health():
+            if time.monotonic() > end:
+                raise RuntimeError("the router did not see both worker pools in the registry in time")
+            await asyncio.sleep(0.1)
+
+    async def shutdown(self, drain_s: float = 10.0) -> None:
+        """Stop the router, drain and stop the workers, then Redis and Ray if this cluster started them."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            await self.router.stop(grace=2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(w.drain.remote(drain_s) for w in self.workers),
+                                                  return_exceptions=True), drain_s + 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(w.stop.remote() for w in self.workers),
+                                                  return_exceptions=True), 15)
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                ray.kill(w)
+        if self.placement_group is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(self.placement_group)
+        if self.redis is not None:
+            self.redis.stop()
+        if self.started_ray:
+            ray.shutdown()

@@ -1,0 +1,1 @@
+"""What both worker roles share: config, the engine thread, the gRPC server, registration and the Ray actor."""

@@ -1,0 +1,40 @@
+"""The Ray actor that hosts one worker (one GPU each; Ray's logical GPUs place CPU workers the same way)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.worker.config import WorkerConfig
+from cluster.worker.server import WorkerServer
+
+
+class WorkerActor:
+    """Async Ray actor: its event loop runs the worker's gRPC server; the engine has its own thread."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if config.engine.device == "cpu":
+            import torch
+
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.server = WorkerServer(config)
+
+    async def start(self) -> dict[str, str]:
+        address = await self.server.start()
+        return {"worker_id": self.server.worker_id, "address": address, "role": self.server.config.role}
+
+    async def stats(self) -> dict[str, int]:
+        assert self.server.loop is not None
+        return dict(self.server.loop.stats.__dict__)
+
+    async def check_block_accounting(self) -> None:
+        """Raise unless every KV block is free or owned by something live (for tests and debugging)."""
+        assert self.server.loop is not None
+        await self.server.loop.acall(lambda e: e.check_block_accounting())
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        await self.server.drain(timeout_s)
+
+    async def stop(self) -> None:
+        await self.server.stop()

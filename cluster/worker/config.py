@@ -1,0 +1,37 @@
+"""Worker configuration: frozen and validated; one per worker process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.config import EngineConfig
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A prefill or decode worker: its engine, KV transport, registry and timing knobs."""
+
+    role: str
+    engine: EngineConfig
+    redis_url: str
+    cluster_name: str = "default"
+    worker_id: str = ""  # "" -> "<role>-<random>"
+    transport: str = "gloo"  # resolved by the launcher ("auto" never reaches a worker)
+    host: str = "127.0.0.1"  # address to bind and advertise
+    heartbeat_s: float = 0.5
+    max_queue: int = 512  # requests waiting in this worker beyond which it answers RESOURCE_EXHAUSTED
+    kv_send_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not self.redis_url:
+            raise ValueError("redis_url must be given")
+        if self.transport == "auto":
+            raise ValueError("resolve transport 'auto' before building a WorkerConfig")
+        if self.heartbeat_s <= 0 or self.kv_send_timeout_s <= 0:
+            raise ValueError("heartbeat_s and kv_send_timeout_s must be positive")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")

@@ -1,0 +1,127 @@
+"""Runs an `LLMEngine` on its own thread, so gRPC handlers never block on a forward pass.
+
+Other threads (or asyncio code) hand the engine thread work with `call(fn)` (run between steps) and
+receive per-request outputs through a callback registered with `watch`. The engine is only ever touched
+by its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from cluster.engine import LLMEngine, StepOutput
+from cluster.engine.llm_engine import EngineStats
+from cluster.engine.outputs import FINISH_ABORT
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OutputCallback = Callable[[StepOutput | BaseException, float], None]  # (output or error, step start time)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future]] = queue.SimpleQueue()
+        self._watchers: dict[str, OutputCallback] = {}
+        self._stop = threading.Event()
+        self.stats: EngineStats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        """Run `fn(engine)` on the engine thread before its next step."""
+        fut: Future[T] = Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError("engine loop is stopped"))
+        else:
+            self._calls.put((fn, fut))
+        return fut
+
+    async def acall(self, fn: Callable[[LLMEngine], T]) -> T:
+        return await asyncio.wrap_future(self.call(fn))
+
+    def watch(self, request_id: str, callback: OutputCallback) -> None:
+        """Deliver the request's outputs to `callback` (on the engine thread) until one is finished."""
+        self._watchers[request_id] = callback
+
+    def unwatch(self, request_id: str) -> None:
+        self._watchers.pop(request_id, None)
+
+    def abort(self, request_id: str) -> Future[bool]:
+        """Abort the request in the engine; a watcher gets a final output with finish reason "abort"."""
+
+        def do_abort(engine: LLMEngine) -> bool:
+            found = engine.abort(request_id)
+            cb = self._watchers.pop(request_id, None)
+            if cb is not None:
+                cb(StepOutput(request_id, [], "", True, FINISH_ABORT), time.perf_counter())
+            return found
+
+        return self.call(do_abort)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._calls.put((lambda e: None, Future()))
+        self._thread.join(timeout=10)
+
+    def _drain_calls(self, block: bool) -> None:
+        try:
+            item = self._calls.get(timeout=0.05) if block else self._calls.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_calls(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                self.stats = self.engine.stats()
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed step fails every request it may have touched
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                cb = self._watchers.get(out.request_id)
+                if cb is not None:
+                    if out.finished:
+                        del self._watchers[out.request_id]
+                    cb(out, started)
+            self.stats = self.engine.stats()
+        self._fail_all(RuntimeError("engine loop stopped"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        watchers, self._watchers = self._watchers, {}
+        for rid, cb in watchers.items():
+            self.engine.abort(rid)
+            cb(error, time.perf_counter())
+
+
+def output_queue(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, OutputCallback]:
+    """An asyncio queue and a thread-safe callback that feeds it (for `EngineLoop.watch`)."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    def callback(item: StepOutput | BaseException, started: float) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, (item, started))
+
+    return q, callback

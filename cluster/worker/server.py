@@ -1,0 +1,121 @@
+"""A running worker: engine thread + KV transport + internal gRPC service + registry heartbeat.
+
+`WorkerServer.start()` loads the model, listens, registers in Redis and heartbeats its load;
+`drain()` deregisters (routers stop placing requests here) and waits for running requests to finish;
+`stop()` tears everything down. Both roles use it; the role decides the servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+
+import grpc
+from pdserve.v1 import worker_pb2_grpc as wpb_grpc
+
+from cluster.engine import LLMEngine
+from cluster.registry import AsyncRegistry, WorkerInfo, WorkerLoad
+from cluster.transport import KVTransport, create_transport
+from cluster.worker.config import WorkerConfig
+from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.service_base import WorkerServicerBase
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServer:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
+        self.address = ""
+        self.loop: EngineLoop | None = None
+        self.transport: KVTransport | None = None
+        self.servicer: WorkerServicerBase | None = None
+        self._server: grpc.aio.Server | None = None
+        self._registry: AsyncRegistry | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._info: WorkerInfo | None = None
+
+    async def start(self) -> str:
+        """Load the model, start serving and register; returns the worker's gRPC address."""
+        cfg = self.config
+        engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+        self.loop = EngineLoop(engine)
+        self.transport = create_transport(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host)
+        endpoint = ""
+        if cfg.role == "decode":
+            from decode_worker.service import DecodeServicer
+
+            endpoint = await asyncio.to_thread(self.transport.listen)
+            self.servicer = DecodeServicer(cfg, self.worker_id, self.loop, self.transport, endpoint)
+        else:
+            from prefill_worker.service import PrefillServicer
+
+            self.servicer = PrefillServicer(cfg, self.worker_id, self.loop, self.transport)
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        wpb_grpc.add_WorkerServiceServicer_to_server(self.servicer, self._server)
+        port = self._server.add_insecure_port(f"{cfg.host}:0")
+        await self._server.start()
+        self.address = f"{cfg.host}:{port}"
+        stats = self.loop.stats
+        self._info = WorkerInfo(
+            worker_id=self.worker_id, role=cfg.role, address=self.address, model=cfg.engine.model,
+            transport=self.transport.name, transport_endpoint=endpoint, host_id=socket.gethostname(),
+            total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size)
+        self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name)
+        await self._registry.register(self._info, self._ttl, self._load())
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        log.info("worker %s (%s) serving on %s", self.worker_id, cfg.role, self.address)
+        return self.address
+
+    @property
+    def _ttl(self) -> float:
+        return max(3 * self.config.heartbeat_s, 1.0)
+
+    def _load(self) -> WorkerLoad:
+        assert self.servicer is not None
+        waiting, running, free, reserved = self.servicer.load_counts()
+        return WorkerLoad(num_waiting=waiting, num_running=running, free_kv_blocks=free,
+                          reserved_kv_blocks=reserved)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._registry is not None and self._info is not None
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            try:
+                if not await self._registry.heartbeat(self.worker_id, self._load(), self._ttl):
+                    await self._registry.register(self._info, self._ttl, self._load())
+            except Exception as e:  # Redis down for a moment: keep serving, try again next beat
+                log.warning("heartbeat failed: %s", e)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop taking new requests (deregister) and wait until running ones are done."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._registry is not None:
+            with contextlib.suppress(Exception):
+                await self._registry.deregister(self.worker_id)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while self.loop is not None and loop.time() < end:
+            s = self.loop.stats
+            if s.num_waiting == 0 and s.num_running == 0 and s.num_reserved_blocks == 0:
+                break
+            await asyncio.sleep(0.05)
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._registry is not None:
+            with contextlib.suppress(Exception):
+                await self._registry.deregister(self.worker_id)
+            await self._registry.aclose()
+        if self.transport is not None:
+            self.transport.close()
+        if self.loop is not None:
+            self.loop.stop()

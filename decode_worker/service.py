@@ -1,0 +1,103 @@
+"""The decode role: reserve blocks for KV that a prefill worker will push, then decode the request in the
+continuous batch and stream its tokens. A reservation is freed when its lease runs out before Decode
+starts, when the KV does not arrive in time, on cancel, and when the stream ends for any reason."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from pdserve.v1 import worker_pb2 as wpb
+
+from cluster.transport import KVTransport
+from cluster.wire import logprobs_to_proto, sampling_from_proto
+from cluster.worker.config import WorkerConfig
+from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.service_base import WorkerServicerBase
+
+
+class DecodeServicer(WorkerServicerBase):
+    def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop, transport: KVTransport,
+                 endpoint: str) -> None:
+        super().__init__(config, worker_id, loop)
+        self.transport = transport
+        self.endpoint = endpoint
+        self._leases: dict[str, tuple[asyncio.TimerHandle, float]] = {}  # request id -> (expiry timer, deadline)
+
+    async def _free_reservation(self, rid: str) -> bool:
+        """Stop expecting KV for `rid` (waits out a write in progress) and give its blocks back."""
+        await asyncio.to_thread(self.transport.forget, rid)
+        return await self.loop.acall(lambda e: e.release_reservation(rid))
+
+    def _expire(self, rid: str) -> None:
+        if self._leases.pop(rid, None) is not None:
+            asyncio.ensure_future(self._free_reservation(rid))
+
+    async def Reserve(self, request: wpb.ReserveRequest, context: grpc.aio.ServicerContext) -> wpb.ReserveReply:
+        rid, n = request.request_id, request.num_tokens
+        if n < 1 or request.lease_ms < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens and lease_ms must be >= 1")
+        try:
+            blocks = await self.loop.acall(lambda e: e.reserve(rid, n))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        if blocks is None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"decode worker {self.worker_id} has no room for {n} tokens of KV")
+        self.transport.expect(rid, blocks)
+        lease_s = request.lease_ms / 1e3
+        timer = asyncio.get_running_loop().call_later(lease_s, self._expire, rid)
+        self._leases[rid] = (timer, time.monotonic() + lease_s)
+        return wpb.ReserveReply(block_ids=blocks, transport=self.transport.name, transport_endpoint=self.endpoint,
+                                worker_id=self.worker_id, block_size=self.config.engine.block_size)
+
+    async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[wpb.DecodeChunk]:
+        rid = request.request_id
+        lease = self._leases.pop(rid, None)
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no live reservation for request {rid}")
+        lease[0].cancel()
+        t0 = time.perf_counter()
+        try:
+            params = sampling_from_proto(request.sampling)
+            await asyncio.to_thread(self.transport.wait_received, rid, max(0.0, lease[1] - time.monotonic()))
+        except ValueError as e:
+            await self._free_reservation(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (TimeoutError, KeyError) as e:
+            await self._free_reservation(rid)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"KV for {rid} did not arrive: {e}")
+        except asyncio.CancelledError:
+            await self._free_reservation(rid)
+            raise
+        kv_wait_ms = (time.perf_counter() - t0) * 1e3
+        prompt, first = list(request.token_ids), request.first_token_id
+
+        def add(engine):  # ValueError inside releases the reservation (see add_prefilled_request)
+            engine.add_prefilled_request(rid, prompt, first, params)
+
+        first_chunk = True
+        async for timed in self.run_request(rid, add, context):
+            out = timed.output
+            chunk = wpb.DecodeChunk(token_ids=out.new_token_ids, text=out.text_delta,
+                                    finish_reason=out.finish_reason or "")
+            if out.logprobs:
+                chunk.logprobs.extend(logprobs_to_proto(t, lp) for t, lp in
+                                      zip(out.new_token_ids, out.logprobs, strict=True))
+            if first_chunk:
+                chunk.first_step_ms = (time.perf_counter() - timed.step_started) * 1e3
+                chunk.kv_wait_ms = kv_wait_ms
+                first_chunk = False
+            yield chunk
+
+    async def Cancel(self, request: wpb.CancelRequest, context: grpc.aio.ServicerContext) -> wpb.CancelReply:
+        rid = request.request_id
+        lease = self._leases.pop(rid, None)
+        found = False
+        if lease is not None:
+            lease[0].cancel()
+            found = await self._free_reservation(rid)
+        return wpb.CancelReply(found=await super().Cancel(request, context) and True or found)

@@ -1,0 +1,71 @@
+"""The prefill role: run prompts (batched by the engine with other requests), sample the first token,
+push the prompt's KV into the decode worker's reservation, then free the blocks here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from pdserve.v1 import worker_pb2 as wpb
+
+from cluster.engine.outputs import FINISH_PREFILLED
+from cluster.transport import KVTransport, TransportError
+from cluster.wire import logprobs_to_proto, sampling_from_proto
+from cluster.worker.config import WorkerConfig
+from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.service_base import WorkerServicerBase
+
+
+class PrefillServicer(WorkerServicerBase):
+    def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop, transport: KVTransport) -> None:
+        super().__init__(config, worker_id, loop)
+        self.transport = transport
+
+    async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext) -> wpb.PrefillReply:
+        rid = request.request_id
+        try:
+            params = sampling_from_proto(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        dest = request.dest
+        if dest.transport and dest.transport != self.transport.name:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
+        tokens = list(request.token_ids)
+        t_submit = time.perf_counter()
+        first = None
+        async for timed in self.run_request(rid, lambda e: e.add_request(rid, tokens, params, prefill_only=True),
+                                            context):
+            first = timed
+        assert first is not None
+        out = first.output
+        t_done = time.perf_counter()
+        handoff_ms = 0.0
+        try:
+            if out.finish_reason == FINISH_PREFILLED:
+                if len(dest.block_ids) == 0:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no KV destination blocks given")
+                src, _ = await self.loop.acall(lambda e: e.prefilled_blocks(rid))
+                if len(src) != len(dest.block_ids):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")
+                try:
+                    await asyncio.to_thread(self.transport.send, dest.transport_endpoint, rid, src,
+                                            list(dest.block_ids), self.config.kv_send_timeout_s)
+                except TransportError as e:
+                    await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")
+                handoff_ms = (time.perf_counter() - t_done) * 1e3
+        finally:
+            self.loop.call(lambda e: e.release_prefilled(rid))
+        token = out.new_token_ids[0]
+        ended = out.finish_reason != FINISH_PREFILLED  # else the decode worker owns all the text
+        reply = wpb.PrefillReply(
+            first_token_id=token, worker_id=self.worker_id,
+            finish_reason=out.finish_reason if ended else "", text=out.text_delta if ended else "",
+            timing=wpb.PrefillTiming(queue_ms=(first.step_started - t_submit) * 1e3,
+                                     prefill_ms=(t_done - first.step_started) * 1e3,
+                                     kv_handoff_ms=handoff_ms, num_cached_tokens=out.num_cached_tokens))
+        if out.logprobs:
+            reply.first_logprobs.CopyFrom(logprobs_to_proto(token, out.logprobs[0]))
+        return reply
