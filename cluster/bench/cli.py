@@ -1,0 +1,102 @@
+"""Arguments of `pdserve bench {engine,latency,serve}`; each runner is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+_RUNNERS = {
+    "engine": ("cluster.bench.engine_bench", "run_engine_bench"),
+    "latency": ("cluster.bench.latency_bench", "run_latency_bench"),
+    "serve": ("cluster.bench.serve_bench", "run_serve_bench"),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench-results", help="folder for results (default: bench-results/)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _local_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs for decode")
+
+
+def _lengths(p: argparse.ArgumentParser, input_len: int, output_len: int) -> None:
+    p.add_argument("--input-len", type=int, default=input_len)
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [len*(1-R), len*(1+R)], R in [0, 1)")
+    p.add_argument("--input-range", help="LO,HI: prompt lengths uniform in [LO, HI] (overrides --input-len)")
+    p.add_argument("--output-range", help="LO,HI: output lengths uniform in [LO, HI] (overrides --output-len)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling, seed+i per request")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    _local_model(p)
+    _lengths(p, 128, 128)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-warmup-prompts", type=int, default=4)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache budget on CPU")
+    p.add_argument("--baseline", choices=("none", "transformers"), default="none")
+    p.add_argument("--hf-api", choices=("auto", "continuous", "padded"), default="auto",
+                   help="transformers API: continuous batching (auto falls back to padded generate on failure)")
+    p.add_argument("--hf-num-blocks", type=int, help="transformers KV blocks (default: its own sizing on GPU)")
+    p.add_argument("--hf-max-batch-tokens", type=int)
+    p.add_argument("--hf-block-size", type=int, default=256)
+    p.add_argument("--hf-attn-implementation", help="e.g. sdpa, flash_attention_2, paged|sdpa")
+
+
+def _latency_args(p: argparse.ArgumentParser) -> None:
+    _local_model(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--context-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--prefill-repeats", type=int, default=5)
+    p.add_argument("--copy-bytes", type=int, help="bytes per tensor of the bandwidth copy (GPU default 2 GiB)")
+    p.add_argument("--matmul-n", type=int, help="size of the square matmul (GPU default 8192)")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="localhost:50051", help="router HOST:PORT")
+    p.add_argument("--model", help="local copy of the served model, to record its shape (optional)")
+    _lengths(p, 1024, 128)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--request-rate", default="inf", help="req/s, or a list for a sweep: 1,2,4,inf")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals; 1 = Poisson")
+    p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    p.add_argument("--slo", default="", help="e.g. ttft_ms=500,tpot_ms=50 (also e2e_ms)")
+    p.add_argument("--slo-target", type=float, default=0.9, help="share of requests that must meet the SLOs")
+    p.add_argument("--num-warmups", type=int, default=2)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `engine`, `latency` and `serve` subcommands to `parser`."""
+    sub = parser.add_subparsers(dest="bench", required=True)
+    specs = (("engine", "offline throughput of the engine (optionally vs transformers)", _engine_args),
+             ("latency", "decode step / prefill latency against measured hardware limits", _latency_args),
+             ("serve", "latency, throughput and goodput of a running cluster at request rates", _serve_args))
+    for name, help_text, add in specs:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        _common(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark."""
+    module, func = _RUNNERS[args.bench]
+    runner: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), func)
+    return runner(args)
