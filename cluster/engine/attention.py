@@ -1,8 +1,9 @@
 """Paged attention over the engine's KV cache, and the forward context that carries its metadata.
 
-The model calls `attention(q, k, v, layer)`; the runner sets the metadata for the whole forward with
-`forward_context(...)`. This torch implementation is the reference and the CPU path; all shapes in
-decode are static for a given batch size and block-table width, so it can be captured in a CUDA graph.
+The model calls `attention_from_qkv(...)`; the runner sets the metadata for the whole forward with
+`forward_context(...)`. On CUDA the Triton kernels in `kernels/` run; the torch implementation here is the
+reference and the CPU path. Decode shapes are static for a given batch size, so it can be captured in a
+CUDA graph (sequence lengths and block tables are read from device tensors).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from cluster.engine.models.rope import RotaryEmbedding
 
 
 @dataclass
@@ -33,6 +36,10 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor | None = None
     query_lens: list[int] | None = None
     context_lens_host: list[int] | None = None
+    # CUDA kernels only: query tiles of a prefill batch, and the split-KV factor of a decode batch
+    tile_seq: torch.Tensor | None = None
+    tile_start: torch.Tensor | None = None
+    num_splits: int = 1
 
 
 @dataclass
@@ -55,13 +62,47 @@ def forward_context(metadata: AttentionMetadata, kv_cache: torch.Tensor) -> Iter
         _CONTEXT = prev
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Stores k/v in the cache, returns [T, Hq, D]."""
+def attention_from_qkv(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, layer: int,
+                       num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """The attention block after the fused q/k/v projection: RoPE, KV store, paged attention -> [T, Hq*D].
+
+    On CUDA this runs the Triton kernels (RoPE fused with the store); elsewhere the torch reference.
+    """
     ctx = _CONTEXT
     if ctx is None:
         raise RuntimeError("attention called outside forward_context")
     meta = ctx.metadata
     k_cache, v_cache = ctx.kv_cache[layer, 0], ctx.kv_cache[layer, 1]  # [N, bs, Hkv, D]
+    if qkv.is_cuda:
+        return _cuda_attention(qkv, positions, rotary, meta, k_cache, v_cache, num_heads, num_kv_heads, head_dim,
+                               scale).view(qkv.shape[0], -1)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.view(-1, num_heads, head_dim)
+    k = k.view(-1, num_kv_heads, head_dim)
+    v = v.view(-1, num_kv_heads, head_dim)
+    q, k = rotary(positions, q, k)
+    return attention(q, k, v, k_cache, v_cache, meta, scale).reshape(qkv.shape[0], -1)
+
+
+def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, meta: AttentionMetadata,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
+                    head_dim: int, scale: float) -> torch.Tensor:
+    from cluster.engine.kernels.attention import paged_decode_attention, paged_prefill_attention
+    from cluster.engine.kernels.elementwise import rope_and_store
+
+    q = rope_and_store(qkv, positions, rotary.cos, rotary.sin, meta.slot_mapping, k_cache, v_cache, num_heads,
+                       num_kv_heads, head_dim)
+    if meta.is_prefill:
+        assert meta.query_start_loc is not None and meta.tile_seq is not None and meta.tile_start is not None
+        return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
+                                       meta.context_lens, meta.tile_seq, meta.tile_start, scale)
+    return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                  meta.num_splits)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Reference path. q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, RoPE applied). Returns [T, Hq, D]."""
     store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if meta.is_prefill:
         return _prefill_attention(q, k_cache, v_cache, meta, scale)

@@ -6,14 +6,19 @@ Policy (who runs) stays in the scheduler; this file only turns sequences into te
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cluster.engine.attention import AttentionMetadata, forward_context
+from cluster.engine.kernels.tiling import decode_splits, prefill_tiles
 from cluster.engine.models.llama import LlamaForCausalLM
 from cluster.engine.sampler import SamplingTensors, sample, top_logprobs
 from cluster.engine.scheduler import ScheduledBatch
 from cluster.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from cluster.engine.cuda_graph import DecodeGraphs
 
 
 @dataclass
@@ -37,12 +42,19 @@ class ModelOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, *, use_cuda_graphs: bool = False, max_batch: int = 1,
+                 max_model_len: int = 0) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
         self.vocab_size = model.spec.vocab_size
+        self.graphs: DecodeGraphs | None = None
+        if use_cuda_graphs and device.type == "cuda":
+            from cluster.engine.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, kv_cache, max_batch, -(-max_model_len // block_size), device)
+            self.graphs.capture()
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=False).to(self.device, non_blocking=True)
@@ -68,12 +80,20 @@ class ModelRunner:
         attn = AttentionMetadata(
             is_prefill=batch.is_prefill,
             slot_mapping=self._tensor(slots, torch.long),
-            block_tables=self._tensor(tables, torch.long),
+            block_tables=self._tensor(tables, torch.int32),
             context_lens=self._tensor(ctx_lens, torch.int32),
             query_start_loc=self._tensor([0, *ends.tolist()], torch.int32) if batch.is_prefill else None,
             query_lens=query_lens if batch.is_prefill else None,
             context_lens_host=ctx_lens if batch.is_prefill else None,
         )
+        if self.device.type == "cuda":
+            if batch.is_prefill:
+                tile_seq, tile_start = prefill_tiles(query_lens)
+                attn.tile_seq = self._tensor(tile_seq, torch.int32)
+                attn.tile_start = self._tensor(tile_start, torch.int32)
+            else:
+                attn.num_splits = decode_splits(len(seqs), self.model.spec.num_kv_heads,
+                                                torch.cuda.get_device_properties(self.device).multi_processor_count)
         return ForwardBatch(
             input_ids=self._tensor(input_ids, torch.long),
             positions=self._tensor(positions, torch.long),
@@ -99,9 +119,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> ModelOutput:
         fb = self.prepare(batch)
-        with forward_context(fb.attn, self.kv_cache):
-            hidden = self.model(fb.input_ids, fb.positions)
-        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        if self.graphs is not None and not batch.is_prefill and len(batch.seqs) <= self.graphs.sizes[-1]:
+            a = fb.attn
+            logits = self.graphs.run(fb.input_ids, fb.positions, a.slot_mapping, a.context_lens, a.block_tables)
+        else:
+            with forward_context(fb.attn, self.kv_cache):
+                hidden = self.model(fb.input_ids, fb.positions)
+            logits = self.model.compute_logits(hidden[fb.logits_indices])
         tokens = sample(logits, fb.sampling)
         want = [s.params.logprobs for s in batch.seqs]
         logprobs: list[dict[int, float] | None] = [None] * len(want)
