@@ -115,6 +115,10 @@ class Cluster:
 
         roles = ["prefill"] * self.config.prefill + ["decode"] * self.config.decode
         env = {"OMP_NUM_THREADS": str(max(1, int(self.config.cpus_per_worker))), "RAY_DEDUP_LOGS": "0"}
+        if self.config.resolved_transport() == "cuda_ipc":
+            # CUDA IPC opens the peer's memory, so every GPU must stay visible; each worker then picks its own
+            # GPU by the id Ray assigned (see WorkerActor).
+            env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         actor_cls = ray.remote(WorkerActor)
         hosts = self._worker_hosts(len(roles))
         for i, role in enumerate(roles):

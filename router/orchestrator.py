@@ -105,9 +105,25 @@ class Orchestrator:
 
     def _spawn_cleanup(self, run: _Run) -> None:
         """Cleanup in the background: the client's status must not wait for a dead worker."""
-        task = asyncio.ensure_future(self._cleanup(run))
+        self._spawn(self._cleanup(run))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:  # tracked, so close() waits for it
+        task = asyncio.ensure_future(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+
+    async def _take(self, coro: Awaitable[T], undo: Callable[[T], Awaitable[Any]]) -> T:
+        """Await a registry call that takes something; if the request is cancelled while the reply is on its
+        way (Redis applied it), undo it once it lands, or it would stay counted until the counter's TTL."""
+        task = asyncio.ensure_future(self.reg(coro))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def undo_taken(t: asyncio.Task[T]) -> None:
+                if not t.cancelled() and t.exception() is None and t.result() is not None:
+                    self._spawn(self._quietly(undo(t.result())))
+            task.add_done_callback(undo_taken)
+            raise
 
     def _timeout(self, limit: float, time_remaining: Callable[[], float | None]) -> float:
         left = time_remaining()
@@ -200,7 +216,8 @@ class Orchestrator:
                 break
             if cand in tried:
                 continue
-            wid = await self.reg(self.registry.reserve_decode(n_blocks, worker_id=cand))
+            wid = await self._take(self.registry.reserve_decode(n_blocks, worker_id=cand),
+                                   lambda w: self.registry.release_decode(w, n_blocks))
             if wid is None:
                 continue
             tried.add(wid)
@@ -239,7 +256,8 @@ class Orchestrator:
         for i, info in enumerate(order):
             run.workers[info.worker_id] = info
             what = f"prefill on worker {info.worker_id} ({info.address})"
-            await self.reg(self.registry.incr_inflight(info.worker_id))
+            await self._take(self.registry.incr_inflight(info.worker_id),
+                             lambda _, wid=info.worker_id: self.registry.decr_inflight(wid))
             try:
                 reply = await self.channels.stub(info.address).Prefill(
                     req, timeout=self._timeout(self.config.prefill_timeout_s, time_remaining))

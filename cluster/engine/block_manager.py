@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from cluster.engine.sequence import Sequence
-from cluster.prefix_hash import chain_block_hashes
+from cluster.prefix_hash import chain_block_hashes, hash_block
 
 
 class BlockManager:
@@ -131,11 +131,14 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_hashed_blocks:
             return
-        hashes = chain_block_hashes(seq.token_ids[: full * self.block_size], self.block_size)
+        bs = self.block_size
         for i in range(seq.num_hashed_blocks, full):
+            # Blocks a sequence holds keep their hash, so the chain continues from the previous block's.
+            prev = self.block_hash[seq.block_table[i - 1]] if i else None
+            h = hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs])
             block = seq.block_table[i]
-            self.block_hash[block] = hashes[i]
-            self.hash_to_block.setdefault(hashes[i], block)
+            self.block_hash[block] = h
+            self.hash_to_block.setdefault(h, block)
         seq.num_hashed_blocks = full
 
     # ---- accounting ------------------------------------------------------------------------------

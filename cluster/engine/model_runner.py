@@ -5,6 +5,7 @@ Policy (who runs) stays in the scheduler; this file only turns sequences into te
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,6 @@ from cluster.engine.kernels.tiling import decode_splits, prefill_tiles
 from cluster.engine.models.llama import LlamaForCausalLM
 from cluster.engine.sampler import SamplingTensors, sample, top_logprobs
 from cluster.engine.scheduler import ScheduledBatch
-from cluster.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from cluster.engine.cuda_graph import DecodeGraphs
@@ -50,71 +50,61 @@ class ModelRunner:
         self.device = device
         self.vocab_size = model.spec.vocab_size
         self.graphs: DecodeGraphs | None = None
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         if use_cuda_graphs and device.type == "cuda":
             from cluster.engine.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, kv_cache, max_batch, -(-max_model_len // block_size), device)
             self.graphs.capture()
 
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, pin_memory=False).to(self.device, non_blocking=True)
+    def _upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """Several int lists to the device in ONE host-to-device copy; returns int64 device views."""
+        host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return list(host.to(self.device, non_blocking=True).split([len(p) for p in parts]))
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
-        seqs = batch.seqs
+        seqs, bs = batch.seqs, self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
         for seq in seqs:
             start = seq.num_computed_tokens if batch.is_prefill else len(seq) - 1
-            new = seq.token_ids[start:]
-            input_ids.extend(new)
+            input_ids.extend(seq.token_ids[start:])
             positions.extend(range(start, len(seq)))
-            query_lens.append(len(new))
-            for pos in range(start, len(seq)):
-                slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            query_lens.append(len(seq) - start)
+            table = seq.block_table
+            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, len(seq)))
         width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        tables = list(itertools.chain.from_iterable(s.block_table + [0] * (width - len(s.block_table)) for s in seqs))
         ctx_lens = [len(s) for s in seqs]
-        ends = torch.tensor(query_lens).cumsum(0)
+        query_start = list(itertools.accumulate(query_lens, initial=0))
+        tile_seq, tile_start = prefill_tiles(query_lens) if batch.is_prefill else ([], [])
+        random = any(s.params.temperature > 0 for s in seqs)
+        top_k = [s.params.top_k if s.params.top_k > 0 else self.vocab_size for s in seqs] if random else []
+        sampling_ints = [top_k, [s.seed for s in seqs], [s.num_output_tokens for s in seqs]] if random else [[], [], []]
+        (ids_t, pos_t, slot_t, table_t, ctx_t, qsl_t, logit_idx_t, tseq_t, tstart_t, topk_t, seed_t,
+         opos_t) = self._upload([input_ids, positions, slots, tables, ctx_lens, query_start, query_start[1:],
+                                 tile_seq, tile_start, *sampling_ints])
         attn = AttentionMetadata(
-            is_prefill=batch.is_prefill,
-            slot_mapping=self._tensor(slots, torch.long),
-            block_tables=self._tensor(tables, torch.int32),
-            context_lens=self._tensor(ctx_lens, torch.int32),
-            query_start_loc=self._tensor([0, *ends.tolist()], torch.int32) if batch.is_prefill else None,
+            is_prefill=batch.is_prefill, slot_mapping=slot_t, block_tables=table_t.view(len(seqs), width),
+            context_lens=ctx_t, query_start_loc=qsl_t if batch.is_prefill else None,
             query_lens=query_lens if batch.is_prefill else None,
             context_lens_host=ctx_lens if batch.is_prefill else None,
-        )
-        if self.device.type == "cuda":
-            if batch.is_prefill:
-                tile_seq, tile_start = prefill_tiles(query_lens)
-                attn.tile_seq = self._tensor(tile_seq, torch.int32)
-                attn.tile_start = self._tensor(tile_start, torch.int32)
-            else:
-                attn.num_splits = decode_splits(len(seqs), self.model.spec.num_kv_heads,
-                                                torch.cuda.get_device_properties(self.device).multi_processor_count)
-        return ForwardBatch(
-            input_ids=self._tensor(input_ids, torch.long),
-            positions=self._tensor(positions, torch.long),
-            logits_indices=(ends - 1).to(self.device),
-            attn=attn,
-            sampling=self._sampling_tensors(seqs),
-        )
-
-    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
-        temps = [s.params.temperature for s in seqs]
-        top_k = [s.params.top_k if s.params.top_k > 0 else self.vocab_size for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
-        return SamplingTensors(
-            temperature=self._tensor(temps, torch.float32),
-            top_k=self._tensor(top_k, torch.long),
-            top_p=self._tensor(top_p, torch.float32),
-            seed=self._tensor([s.seed for s in seqs], torch.long),
-            position=self._tensor([s.num_output_tokens for s in seqs], torch.long),
-            any_random=any(t > 0 for t in temps),
-            needs_filter=any(k < self.vocab_size for k in top_k) or any(p < 1.0 for p in top_p),
-        )
+            tile_seq=tseq_t if batch.is_prefill else None, tile_start=tstart_t if batch.is_prefill else None)
+        if self.device.type == "cuda" and not batch.is_prefill:
+            attn.num_splits = decode_splits(len(seqs), self.model.spec.num_kv_heads, self.num_sms)
+        sampling = SamplingTensors(temperature=None, top_k=topk_t, top_p=None, seed=seed_t, position=opos_t,
+                                   any_random=random, needs_filter=False)
+        if random:
+            floats = torch.tensor([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
+                                  dtype=torch.float32).to(self.device, non_blocking=True)
+            sampling.temperature, sampling.top_p = floats[0], floats[1]
+            sampling.needs_filter = any(k < self.vocab_size for k in top_k) or any(s.params.top_p < 1.0 for s in seqs)
+        return ForwardBatch(input_ids=ids_t, positions=pos_t, logits_indices=logit_idx_t - 1, attn=attn,
+                            sampling=sampling)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> ModelOutput:

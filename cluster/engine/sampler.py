@@ -19,9 +19,9 @@ _MIX = 0x45D9F3B
 class SamplingTensors:
     """Per-row sampling parameters, already on the logits' device."""
 
-    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    temperature: torch.Tensor | None  # [B] float32, 0 = greedy (None when every row is greedy)
     top_k: torch.Tensor  # [B] int64, vocab size = off
-    top_p: torch.Tensor  # [B] float32
+    top_p: torch.Tensor | None  # [B] float32
     seed: torch.Tensor  # [B] int64 (31 bits used per half)
     position: torch.Tensor  # [B] int64: index of the output token being drawn
     any_random: bool  # False: skip the noise path entirely
@@ -61,10 +61,10 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits [B, V] -> token ids [B] (int64)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    if not t.any_random:
+    if not t.any_random or t.temperature is None:
         return greedy
     scaled = logits / t.temperature.clamp(min=1e-6)[:, None]
-    if t.needs_filter:
+    if t.needs_filter and t.top_p is not None:
         scaled = _filter(scaled, t.top_k, t.top_p)
     probs = scaled.softmax(dim=-1)
     noise = -torch.log(uniform_noise(t.seed, t.position, logits.shape[-1]))

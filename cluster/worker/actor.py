@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -14,6 +15,13 @@ class WorkerActor:
 
     def __init__(self, config: WorkerConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if config.engine.device == "cuda" and os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+            import ray
+            import torch
+
+            gpu = int(ray.get_gpu_ids()[0])  # all GPUs are visible: use the one Ray assigned
+            torch.cuda.set_device(gpu)
+            config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, device=f"cuda:{gpu}"))
         if config.engine.device == "cpu":
             import torch
 

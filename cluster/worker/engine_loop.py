@@ -2,7 +2,8 @@
 
 Other threads (or asyncio code) hand the engine thread work with `call(fn)` (run between steps) and
 receive per-request outputs through a callback registered with `watch`. The engine is only ever touched
-by its own thread.
+by its own thread. `stats` is refreshed after every call and step (before their results are delivered),
+and `on_blocks_freed` (if set) is called on the engine thread whenever KV blocks went back to the pool.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class EngineLoop:
         self._watchers: dict[str, OutputCallback] = {}
         self._stop = threading.Event()
         self.stats: EngineStats = engine.stats()
+        self.on_blocks_freed: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -80,19 +82,26 @@ class EngineLoop:
             fn, fut = item
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn(self.engine))
+                    result = fn(self.engine)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self._refresh_stats()
                     fut.set_exception(e)
+                else:
+                    self._refresh_stats()
+                    fut.set_result(result)
             try:
                 item = self._calls.get_nowait()
             except queue.Empty:
                 return
 
     def _run(self) -> None:
+        idle = True
         while not self._stop.is_set():
-            self._drain_calls(block=not self.engine.has_unfinished())
+            # Block for calls when there is nothing to run, or when the last step could schedule nothing
+            # (requests waiting for blocks that a KV send or a lease will free): no busy spinning.
+            self._drain_calls(block=idle or not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
-                self.stats = self.engine.stats()
+                idle = True
                 continue
             started = time.perf_counter()
             try:
@@ -100,15 +109,25 @@ class EngineLoop:
             except Exception as e:  # a failed step fails every request it may have touched
                 log.exception("engine step failed")
                 self._fail_all(e)
+                self._refresh_stats()
                 continue
+            self._refresh_stats()
+            idle = not outputs  # every scheduled request yields an output: none means nothing ran
             for out in outputs:
                 cb = self._watchers.get(out.request_id)
                 if cb is not None:
                     if out.finished:
                         del self._watchers[out.request_id]
                     cb(out, started)
-            self.stats = self.engine.stats()
         self._fail_all(RuntimeError("engine loop stopped"))
+
+    def _refresh_stats(self) -> None:
+        old, self.stats = self.stats, self.engine.stats()
+        if self.on_blocks_freed is not None and self.stats.num_free_blocks > old.num_free_blocks:
+            try:
+                self.on_blocks_freed()
+            except Exception:  # the hook's event loop is gone (shutdown): nobody to tell
+                log.debug("on_blocks_freed failed", exc_info=True)
 
     def _fail_all(self, error: BaseException) -> None:
         watchers, self._watchers = self._watchers, {}

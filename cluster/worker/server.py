@@ -24,6 +24,7 @@ from cluster.worker.engine_loop import EngineLoop
 from cluster.worker.service_base import WorkerServicerBase
 
 log = logging.getLogger(__name__)
+_MIN_BEAT_GAP_S = 0.02  # early heartbeats (KV blocks freed) at most this often
 
 
 class WorkerServer:
@@ -37,6 +38,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._registry: AsyncRegistry | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._blocks_freed = asyncio.Event()
         self._info: WorkerInfo | None = None
 
     async def start(self) -> str:
@@ -67,6 +69,8 @@ class WorkerServer:
             total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size)
         self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name)
         await self._registry.register(self._info, self._ttl, self._load())
+        aio_loop = asyncio.get_running_loop()
+        self.loop.on_blocks_freed = lambda: aio_loop.call_soon_threadsafe(self._blocks_freed.set)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("worker %s (%s) serving on %s", self.worker_id, cfg.role, self.address)
         return self.address
@@ -82,14 +86,21 @@ class WorkerServer:
                           reserved_kv_blocks=reserved)
 
     async def _heartbeat_loop(self) -> None:
+        """Publish the load every `heartbeat_s`, and right after KV blocks are freed. Routers subtract the
+        blocks they reserve from the published count themselves, but only the worker knows when blocks come
+        back (a request ends or is cancelled, a lease runs out): until it says so, routers would turn
+        requests away from room that is free."""
         assert self._registry is not None and self._info is not None
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._blocks_freed.wait(), self.config.heartbeat_s)
+            self._blocks_freed.clear()
             try:
                 if not await self._registry.heartbeat(self.worker_id, self._load(), self._ttl):
                     await self._registry.register(self._info, self._ttl, self._load())
             except Exception as e:  # Redis down for a moment: keep serving, try again next beat
                 log.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(_MIN_BEAT_GAP_S)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Stop taking new requests (deregister) and wait until running ones are done."""
