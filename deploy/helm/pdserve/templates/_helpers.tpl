@@ -1,0 +1,97 @@
+{{/* Chart name, release-qualified name (<= 63 chars), labels. */}}
+{{- define "pdserve.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pdserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pdserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pdserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pdserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "pdserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "pdserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The Ray head's in-cluster DNS name (its Service), which worker pods join. */}}
+{{- define "pdserve.headHost" -}}
+{{- printf "%s-head" (include "pdserve.fullname" .) -}}
+{{- end -}}
+
+{{- define "pdserve.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s-redis:6379/0" (include "pdserve.fullname" .) -}}
+{{- else -}}
+{{- required "set cluster.redis_url, or redis.enabled: true (worker pods cannot reach a private redis-server on the head)" .Values.cluster.redis_url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ClusterConfig the head runs: values.cluster with the router on all interfaces and the chart's Redis. */}}
+{{- define "pdserve.clusterConfig" -}}
+{{- $cluster := deepCopy .Values.cluster -}}
+{{- $_ := set $cluster "host" "0.0.0.0" -}}
+{{- $_ := set $cluster "redis_url" (include "pdserve.redisUrl" .) -}}
+{{- toYaml $cluster -}}
+{{- end -}}
+
+{{- define "pdserve.workerReplicas" -}}
+{{- if kindIs "invalid" .Values.worker.replicas -}}
+{{- $gpus := int .Values.worker.gpusPerPod -}}
+{{- div (add .Values.cluster.prefill .Values.cluster.decode $gpus -1) $gpus -}}
+{{- else -}}
+{{- .Values.worker.replicas -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod env shared by head and workers: the pod IP as the Ray node's address, Ray's auth mode. */}}
+{{- define "pdserve.rayEnv" -}}
+- name: POD_IP
+  valueFrom:
+    fieldRef: {fieldPath: status.podIP}
+- name: RAY_AUTH_MODE      # cluster-internal traffic; restrict it with a NetworkPolicy
+  value: disabled
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes shared by head and workers: /dev/shm, the cluster config and the model volume. */}}
+{{- define "pdserve.volumes" -}}
+- name: dshm
+  emptyDir: {medium: Memory, sizeLimit: {{ .Values.shmSize }}}
+- name: config
+  configMap:
+    name: {{ include "pdserve.fullname" . }}
+    defaultMode: 0755
+{{- if .Values.model.persistentVolumeClaim }}
+- name: models
+  persistentVolumeClaim: {claimName: {{ .Values.model.persistentVolumeClaim }}, readOnly: true}
+{{- else if .Values.model.hostPath }}
+- name: models
+  hostPath: {path: {{ .Values.model.hostPath }}, type: Directory}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.volumeMounts" -}}
+- {name: dshm, mountPath: /dev/shm}
+- {name: config, mountPath: /etc/pdserve, readOnly: true}
+{{- if or .Values.model.persistentVolumeClaim .Values.model.hostPath }}
+- {name: models, mountPath: {{ .Values.model.mountPath }}, readOnly: true}
+{{- end }}
+{{- end -}}
