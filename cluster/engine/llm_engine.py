@@ -44,6 +44,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda":  # Triton launches on the thread's current device: make it ours
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
         self.dtype = getattr(torch, config.torch_dtype_name)
         self.spec = read_model_spec(config.model)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import torch
+
 from cluster.engine import LLMEngine, StepOutput
 from cluster.engine.llm_engine import EngineStats
 from cluster.engine.outputs import FINISH_ABORT
@@ -95,6 +97,8 @@ class EngineLoop:
                 return
 
     def _run(self) -> None:
+        if self.engine.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.engine.device)
         idle = True
         while not self._stop.is_set():
             # Block for calls when there is nothing to run, or when the last step could schedule nothing
