@@ -1,7 +1,8 @@
 """Run a cluster until told to stop: `pdserve up` and the Ray job entrypoint.
 
     python -m cluster.serve --config deploy/examples/cpu.yaml
-    ray job submit --working-dir . -- python -m cluster.serve --config deploy/examples/cpu.yaml
+    ray job submit --working-dir . --runtime-env deploy/ray/runtime-env.yaml -- \
+        python -m cluster.serve --config deploy/examples/cpu.yaml
 """
 
 from __future__ import annotations
