@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated serving)
     enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode
     seed: int = 0
 

@@ -24,17 +24,19 @@ ops = st.lists(
 
 @pytest.fixture(scope="module")
 def make_engine(tiny_llama):
-    def make() -> LLMEngine:  # a fresh engine per example: no state leaks between examples
+    def make(chunked: bool) -> LLMEngine:  # a fresh engine per example: no state leaks between examples
         return LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=20, block_size=8, max_num_seqs=4,
-                                      max_num_batched_tokens=128))
+                                      max_num_batched_tokens=32 if chunked else 128,
+                                      enable_chunked_prefill=chunked))
 
     return make
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("chunked", [False, True])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
-def test_random_operations_free_every_block(make_engine, ops):
-    engine = make_engine()
+def test_random_operations_free_every_block(make_engine, chunked, ops):
+    engine = make_engine(chunked)
     ids: list[str] = []
     for n, op in enumerate(ops):
         kind = op[0]

@@ -84,3 +84,15 @@ def test_text_prompts_and_finish_reasons(tiny_llama):
     out2 = llm.generate("Hello there, how are",
                         SamplingParams(max_tokens=5, temperature=0, stop_token_ids=(stop_id,)))[0]
     assert out2.finish_reason == "stop" and out2.token_ids == out.token_ids[: out.token_ids.index(stop_id) + 1]
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_greedy_matches_with_chunked_prefill(arch_case, prefix_caching):
+    """Prompt chunks of at most 24 tokens mixed into decode steps (colocated serving), small block pool."""
+    model_dir, prompts, expected = arch_case
+    llm = LLM(str(model_dir), num_kv_blocks=40, enable_chunked_prefill=True, max_num_batched_tokens=24,
+              enable_prefix_caching=prefix_caching)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    llm.engine.check_block_accounting()
+    assert llm.engine.stats().num_free_blocks == 40

@@ -59,8 +59,8 @@ class LLMEngine:
         self.kv_cache = self.kv_layout.allocate(self._num_blocks(), self.device)
         self.block_manager = BlockManager(self.kv_cache.shape[2], config.block_size,
                                           config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens),
-                                   self.block_manager)
+        self.scheduler = Scheduler(SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.enable_chunked_prefill), self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device,
                                   use_cuda_graphs=not config.enforce_eager, max_batch=config.max_num_seqs,
                                   max_model_len=self.max_model_len)
@@ -186,9 +186,12 @@ class LLMEngine:
             return []
         result = self.runner.run(batch)
         outs: list[StepOutput] = []
-        for seq, token, logprobs in zip(batch.seqs, result.token_ids, result.logprobs, strict=True):
-            seq.num_computed_tokens = len(seq)
+        for seq, n, token, logprobs in zip(batch.seqs, batch.num_tokens, result.token_ids, result.logprobs,
+                                           strict=True):
+            seq.num_computed_tokens += n
             self.block_manager.commit(seq)
+            if seq.num_computed_tokens < len(seq):  # a prompt chunk: its sampled token means nothing yet
+                continue
             out = self.outputs.append_token(seq, token, logprobs)
             if out.finished:
                 self._finish(seq)

@@ -70,18 +70,20 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         query_lens: list[int] = []
-        for seq in seqs:
-            start = seq.num_computed_tokens if batch.is_prefill else len(seq) - 1
-            input_ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, len(seq)))
-            query_lens.append(len(seq) - start)
+        is_prefill = batch.is_prefill
+        ctx_lens: list[int] = []
+        for seq, n in zip(seqs, batch.num_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            query_lens.append(n)
+            ctx_lens.append(end)
             table = seq.block_table
-            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, len(seq)))
+            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, end))
         width = max(len(s.block_table) for s in seqs)
         tables = list(itertools.chain.from_iterable(s.block_table + [0] * (width - len(s.block_table)) for s in seqs))
-        ctx_lens = [len(s) for s in seqs]
         query_start = list(itertools.accumulate(query_lens, initial=0))
-        tile_seq, tile_start = prefill_tiles(query_lens) if batch.is_prefill else ([], [])
+        tile_seq, tile_start = prefill_tiles(query_lens) if is_prefill else ([], [])
         random = any(s.params.temperature > 0 for s in seqs)
         top_k = [s.params.top_k if s.params.top_k > 0 else self.vocab_size for s in seqs] if random else []
         sampling_ints = [top_k, [s.seed for s in seqs], [s.num_output_tokens for s in seqs]] if random else [[], [], []]
@@ -89,12 +91,11 @@ class ModelRunner:
          opos_t) = self._upload([input_ids, positions, slots, tables, ctx_lens, query_start, query_start[1:],
                                  tile_seq, tile_start, *sampling_ints])
         attn = AttentionMetadata(
-            is_prefill=batch.is_prefill, slot_mapping=slot_t, block_tables=table_t.view(len(seqs), width),
-            context_lens=ctx_t, query_start_loc=qsl_t if batch.is_prefill else None,
-            query_lens=query_lens if batch.is_prefill else None,
-            context_lens_host=ctx_lens if batch.is_prefill else None,
-            tile_seq=tseq_t if batch.is_prefill else None, tile_start=tstart_t if batch.is_prefill else None)
-        if self.device.type == "cuda" and not batch.is_prefill:
+            is_prefill=is_prefill, slot_mapping=slot_t, block_tables=table_t.view(len(seqs), width),
+            context_lens=ctx_t, query_start_loc=qsl_t if is_prefill else None,
+            query_lens=query_lens if is_prefill else None, context_lens_host=ctx_lens if is_prefill else None,
+            tile_seq=tseq_t if is_prefill else None, tile_start=tstart_t if is_prefill else None)
+        if self.device.type == "cuda" and not is_prefill:
             attn.num_splits = decode_splits(len(seqs), self.model.spec.num_kv_heads, self.num_sms)
         sampling = SamplingTensors(temperature=None, top_k=topk_t, top_p=None, seed=seed_t, position=opos_t,
                                    any_random=random, needs_filter=False)

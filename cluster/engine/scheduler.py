@@ -19,14 +19,21 @@ from cluster.engine.sequence import SeqStatus, Sequence
 class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
+    chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated serving)
 
 
 @dataclass
 class ScheduledBatch:
-    """The sequences of one step; `is_prefill` tells which kind of forward runs them."""
+    """The sequences of one step and how many new tokens each computes; `is_prefill` is False only when
+    every sequence decodes exactly one token (the CUDA-graph path)."""
 
     seqs: list[Sequence]
-    is_prefill: bool
+    num_tokens: list[int]
+
+    @property
+    def is_prefill(self) -> bool:
+        return any(n != 1 or s.num_computed_tokens != len(s) - 1 for s, n in zip(self.seqs, self.num_tokens,
+                                                                                 strict=True))
 
 
 class Scheduler:
@@ -50,11 +57,59 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
+        if self.limits.chunked_prefill:
+            return self._schedule_mixed()
         batch = self._schedule_prefill()
         if batch:
-            return ScheduledBatch(batch, is_prefill=True)
+            return ScheduledBatch(batch, [s.num_new_tokens for s in batch])
         batch = self._schedule_decode()
-        return ScheduledBatch(batch, is_prefill=False) if batch else None
+        return ScheduledBatch(batch, [1] * len(batch)) if batch else None
+
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        """Running sequences first (one token each for decodes, the next chunk for prompts in progress), then
+        new prompts, all within one token budget: a long prompt never stalls the running decodes."""
+        seqs: list[Sequence] = []
+        chunks: list[int] = []
+        budget = self.limits.max_num_batched_tokens
+        candidates = deque(self.running)
+        self.running.clear()
+        while candidates and len(seqs) < self.limits.max_num_seqs and budget > 0:
+            seq = candidates.popleft()
+            if seq.num_new_tokens == 1 and not self._make_room(seq, candidates):
+                continue  # preempted itself
+            chunk = min(seq.num_new_tokens, budget)
+            budget -= chunk
+            seqs.append(seq)
+            chunks.append(chunk)
+        self.running.extend(seqs)
+        self.running.extend(candidates)
+        while self.waiting and len(self.running) < self.limits.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                if not self.running and not self._can_ever_fit(seq):
+                    raise RuntimeError(f"request {seq.request_id} needs more KV blocks than the cache has")
+                break
+            self.blocks.allocate(seq)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+            seq.status = SeqStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            chunk = min(seq.num_new_tokens, budget)
+            budget -= chunk
+            seqs.append(seq)
+            chunks.append(chunk)
+        return ScheduledBatch(seqs, chunks) if seqs else None
+
+    def _make_room(self, seq: Sequence, others: deque[Sequence]) -> bool:
+        """Give a decoding sequence a slot for its next token, preempting the newest others if needed.
+        Returns False if `seq` itself had to be preempted."""
+        while not self.blocks.can_append(seq):
+            if not others:
+                self._preempt(seq)
+                return False
+            self._preempt(others.pop())
+        self.blocks.append_slot(seq)
+        return True
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -87,14 +142,7 @@ class Scheduler:
         self.running.clear()
         while candidates and len(scheduled) < self.limits.max_num_seqs:
             seq = candidates.popleft()
-            while not self.blocks.can_append(seq):
-                if candidates:
-                    self._preempt(candidates.pop())
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.blocks.append_slot(seq)
+            if self._make_room(seq, candidates):
                 scheduled.append(seq)
         self.running.extend(scheduled)
         self.running.extend(candidates)  # over max_num_seqs: wait for the next step
