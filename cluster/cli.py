@@ -55,7 +55,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[arg
     "generate": ("send one prompt to a running cluster through the SDK", _generate),
     "make-model": ("write a random-weight checkpoint with a locally built tokenizer", _make_model),
     "offline": ("generate with the offline engine (no cluster)", _offline),
-    "bench": ("measure: engine throughput (vs transformers), step latency vs hardware limits, serving goodput",
+    "bench": ("measure: engine throughput (vs transformers), step latency vs hardware limits, serving goodput, "
+              "KV handoff",
               _bench),
 }
 

@@ -1,4 +1,4 @@
-"""Arguments of `pdserve bench {engine,latency,serve}`; each runner is imported only when it runs."""
+"""Arguments of `pdserve bench {engine,latency,serve,kv}`; each runner is imported only when it runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ _RUNNERS = {
     "engine": ("cluster.bench.engine_bench", "run_engine_bench"),
     "latency": ("cluster.bench.latency_bench", "run_latency_bench"),
     "serve": ("cluster.bench.serve_bench", "run_serve_bench"),
+    "kv": ("cluster.bench.kv_bench", "run_kv_bench"),
+    "compare": ("cluster.bench.compare_bench", "run_compare_bench"),
 }
 
 
@@ -83,12 +85,41 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=60.0)
 
 
+def _kv_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (only config.json is read; no weights)")
+    src.add_argument("--shape", help="named shape of `pdserve make-model`, e.g. llama-3.1-8b (arch from the shape)")
+    p.add_argument("--prompt-len", default="2048", help="tokens per handoff, or a list: 512,2048,8192")
+    p.add_argument("--transport", help="nccl, cuda_ipc, gloo, grpc or a list (default: gloo,grpc on CPU, "
+                                       "nccl,cuda_ipc,grpc on CUDA)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--gpus", default="0,1", help="CUDA: SENDER,RECEIVER GPU indices (both processes see all GPUs)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=10, help="timed transfers per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed transfers first (at least 1: it is verified)")
+    p.add_argument("--case-budget-s", type=float, default=10.0,
+                   help="timed seconds per case; slower cases run fewer repeats (at least --min-repeats)")
+    p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--send-timeout", type=float, default=300.0, help="seconds per send")
+    p.add_argument("--deadline", type=float, default=1200.0, help="seconds for the whole run before giving up")
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    from cluster.bench.compare_bench import add_compare_args
+
+    add_compare_args(p)
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
-    """Add the `engine`, `latency` and `serve` subcommands to `parser`."""
+    """Add the `engine`, `latency`, `serve` and `kv` subcommands to `parser`."""
     sub = parser.add_subparsers(dest="bench", required=True)
     specs = (("engine", "offline throughput of the engine (optionally vs transformers)", _engine_args),
              ("latency", "decode step / prefill latency against measured hardware limits", _latency_args),
-             ("serve", "latency, throughput and goodput of a running cluster at request rates", _serve_args))
+             ("serve", "latency, throughput and goodput of a running cluster at request rates", _serve_args),
+             ("kv", "KV handoff between two processes per transport vs raw point-to-point", _kv_args),
+             ("compare", "disaggregated vs colocated serving on the same GPUs: SLO attainment per rate",
+              _compare_args))
     for name, help_text, add in specs:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)

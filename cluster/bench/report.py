@@ -49,10 +49,14 @@ def model_summary(model_dir: str | Path) -> dict[str, Any]:
     """Shape of the model from its config.json via ModelSpec (with the parameter count)."""
     from cluster.engine.models.loader import read_model_spec
 
-    spec = read_model_spec(model_dir)
+    return {"path": str(model_dir), **spec_summary(read_model_spec(model_dir))}
+
+
+def spec_summary(spec: Any) -> dict[str, Any]:
+    """The shape fields of a ModelSpec, with the parameter count."""
     keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
             "num_kv_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings")
-    return {"path": str(model_dir), **{k: getattr(spec, k) for k in keys}, "num_params": spec.num_params}
+    return {**{k: getattr(spec, k) for k in keys}, "num_params": spec.num_params}
 
 
 def versions() -> dict[str, str | None]:

@@ -1,0 +1,137 @@
+"""`pdserve bench compare`: disaggregated against colocated serving on the same model and GPUs, one run.
+
+For each mode it brings up a cluster in this process (`Cluster.start`), measures the unloaded latency of
+single requests, then drives it at each request rate with the same prompts. The SLOs are relative to the
+unloaded values measured in this run (TTFT <= k_ttft x and TPOT <= k_tpot x the best mode's unloaded median),
+and a mode's goodput is the highest rate at which >= `--slo-target` of its requests meet both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+from typing import Any
+
+from cluster.bench.metrics import max_rate_meeting, serve_metrics
+from cluster.bench.plots import rate_label
+from cluster.bench.report import metadata, run_dir, write_json
+from cluster.bench.serve_bench import request_rows, run_rate, send_one, sweep_point
+from cluster.bench.workload import LengthSpec, parse_range, parse_rates, random_prompts
+from cluster.cluster_config import ClusterConfig, EngineOptions
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    p.add_argument("--prefill", type=int, default=1, help="disaggregated: prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="disaggregated: decode workers")
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--modes", default="disaggregated,colocated")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", default="1,2,4,8")
+    p.add_argument("--input-range", default="1024,4096")
+    p.add_argument("--output-range", default="64,256")
+    p.add_argument("--ttft-factor", type=float, default=5.0)
+    p.add_argument("--tpot-factor", type=float, default=3.0)
+    p.add_argument("--slo-target", type=float, default=0.9)
+    p.add_argument("--unloaded-requests", type=int, default=4)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+
+
+async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[list[list[int]]],
+                    out_lens: list[int], unloaded: list[list[int]], rates: list[float]) -> dict[str, Any]:
+    from pdserve import AsyncClient
+
+    from cluster.launcher import Cluster
+
+    engine = EngineOptions(max_num_batched_tokens=args.max_num_batched_tokens,
+                           enable_chunked_prefill=mode == "colocated")
+    config = ClusterConfig(model=args.model, device=args.device, mode=mode, prefill=args.prefill,
+                           decode=args.decode, transport=args.transport, port=0, cluster_name=f"compare-{mode}",
+                           engine=engine, cpus_per_worker=2.0)
+    cluster = await Cluster.start(config, progress=False)
+    try:
+        async with AsyncClient(cluster.address, timeout=args.request_timeout) as client:
+            for p in unloaded[:2]:  # warm-up, not timed
+                await send_one(client, p, 8, 0.0, None, args.request_timeout)
+            singles = [await send_one(client, p, 64, 0.0, None, args.request_timeout) for p in unloaded]
+            runs = []
+            for rate, prompts in zip(rates, prompts_per_rate, strict=True):
+                records, duration, _ = await run_rate(client, prompts, out_lens, rate, seed=args.seed,
+                                                      desc=f"{mode} rate {rate_label(rate)}")
+                runs.append((rate, records, duration))
+    finally:
+        await cluster.shutdown()
+    bad = [r.error for r in singles if r.error]
+    if bad:
+        raise RuntimeError(f"{mode}: unloaded requests failed: {bad[:2]}")
+    return {"unloaded_ttft_s": statistics.median(r.ttft for r in singles),
+            "unloaded_tpot_s": statistics.median(r.tpot for r in singles), "runs": runs}
+
+
+async def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.engine.models.loader import read_model_spec
+
+    spec = read_model_spec(args.model)
+    rates = parse_rates(args.request_rate)
+    lengths = LengthSpec(input_range=parse_range(args.input_range), output_range=parse_range(args.output_range))
+    pairs = lengths.sample(args.num_prompts, args.seed)
+    out_lens = [o for _, o in pairs]
+    vocab = spec.vocab_size
+    in_lens = [i for i, _ in pairs]
+    prompts_per_rate = [random_prompts(in_lens, vocab, args.seed + 1 + 1000 * k) for k in range(len(rates))]
+    mid = sorted(i for i, _ in pairs)[len(pairs) // 2]
+    unloaded = random_prompts([mid] * args.unloaded_requests, vocab, args.seed + 7)
+    results = {}
+    for mode in args.modes.split(","):
+        results[mode] = await _run_mode(args, mode, prompts_per_rate, out_lens, unloaded, rates)
+    base_ttft = min(r["unloaded_ttft_s"] for r in results.values())
+    base_tpot = min(r["unloaded_tpot_s"] for r in results.values())
+    slo = {"ttft_ms": args.ttft_factor * base_ttft * 1e3, "tpot_ms": args.tpot_factor * base_tpot * 1e3}
+    report: dict[str, Any] = {"slo": slo, "modes": {}}
+    for mode, r in results.items():
+        points = [sweep_point(rate, serve_metrics(records, duration, slo)) for rate, records, duration in r["runs"]]
+        report["modes"][mode] = {
+            "unloaded_ttft_ms": r["unloaded_ttft_s"] * 1e3, "unloaded_tpot_ms": r["unloaded_tpot_s"] * 1e3,
+            "points": points, "requests": {rate_label(rate): request_rows(rec) for rate, rec, _ in r["runs"]},
+            "goodput_rate": max_rate_meeting([(p["rate"], p["slo_attainment"]) for p in points], args.slo_target)}
+    return report
+
+
+def _plot(report: dict[str, Any], path: Any, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, data in report["modes"].items():
+        xs = [p["rate"] for p in data["points"]]
+        ax.plot(xs, [100 * p["slo_attainment"] for p in data["points"]], marker="o", label=mode)
+    ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("requests meeting TTFT and TPOT SLOs (%)")
+    ax.set_title(f"SLO attainment (TTFT<={report['slo']['ttft_ms']:.0f} ms, TPOT<={report['slo']['tpot_ms']:.1f} ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_compare_bench(args: argparse.Namespace) -> int:
+    report = asyncio.run(_compare(args))
+    folder = run_dir(args.out, "compare")
+    write_json(folder / "result.json", {**metadata("compare", args, args.device, args.model), **report})
+    _plot(report, folder / "slo_attainment.png", args.slo_target)
+    for mode, data in report["modes"].items():
+        print(f"{mode}: unloaded TTFT {data['unloaded_ttft_ms']:.1f} ms, TPOT {data['unloaded_tpot_ms']:.2f} ms; "
+              f"goodput rate {data['goodput_rate']}")
+        for p in data["points"]:
+            print(f"  rate {rate_label(p['rate'])}: {100 * p['slo_attainment']:.0f}% meet SLOs, TTFT p90 "
+                  f"{p['ttft_ms_p90']:.0f} ms, TPOT p90 {p['tpot_ms_p90']:.1f} ms, {p['failed']} failed")
+    print(f"wrote {folder}")
+    return 0
+
+

@@ -1,0 +1,119 @@
+"""`pdserve bench kv` on CPU: the repeat capping and argument checks, then real runs (two spawned processes,
+gloo and grpc, tiny shapes) through the CLI, checked against the JSON they write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.bench.kv_bench import parse_ints, parse_transports
+from cluster.bench.kv_worker import timed_loop
+from cluster.cli import main
+
+# tiny shape: 4 layers, 2 kv heads, head_dim 32; float32, block 16 -> 4 * 2 * 16 * 2 * 32 * 4 bytes
+TINY_BLOCK_BYTES = 32768
+
+
+def _loop(seconds: float, warmup: int, repeats: int, min_repeats: int = 3, budget: float = 10.0) -> tuple[Any, ...]:
+    calls: list[int] = []
+
+    def once(i: int) -> float:
+        calls.append(i)
+        return seconds
+
+    times, warm, capped = timed_loop(once, warmup, repeats, min_repeats, budget)
+    assert calls == list(range(warm + len(times)))  # indices run on; index 0 is the (verified) first warm-up
+    return len(times), warm, capped
+
+
+def test_timed_loop_caps_slow_cases():
+    assert _loop(0.01, warmup=2, repeats=10) == (10, 2, False)
+    assert _loop(0.01, warmup=0, repeats=4) == (4, 1, False)  # at least one untimed, verified transfer
+    assert _loop(2.0, warmup=2, repeats=10) == (5, 2, True)  # 10 s budget at 2 s each
+    assert _loop(6.0, warmup=3, repeats=10) == (3, 1, True)  # warm-ups stop past half the budget; min 3
+    assert _loop(6.0, warmup=1, repeats=2) == (2, 1, False)  # never more than asked for
+    assert _loop(30.0, warmup=1, repeats=10, min_repeats=1) == (1, 1, True)
+
+
+def test_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert parse_ints("512, 2048,8192", "x") == [512, 2048, 8192] and parse_ints("7", "x") == [7]
+    for bad in ("", "0", "a,1", "-3"):
+        with pytest.raises(ValueError):
+            parse_ints(bad, "x")
+    assert parse_transports(None, "cpu") == ["gloo", "grpc"]
+    assert parse_transports(None, "cuda") == ["nccl", "cuda_ipc", "grpc"]
+    assert parse_transports("grpc,gloo,grpc", "cpu") == ["grpc", "gloo"]
+    with pytest.raises(ValueError, match="carrier"):
+        parse_transports("carrier,gloo", "cpu")
+    with pytest.raises(ValueError, match="--device cuda"):
+        parse_transports("nccl,cuda_ipc", "cpu")
+    out = str(tmp_path)
+    for argv, message in ((["--shape", "llama-9000"], "unknown shape"), (["--model", out], "not a model directory"),
+                          (["--shape", "tiny", "--transport", "nccl"], "--device cuda"),
+                          (["--shape", "tiny", "--prompt-len", "0"], "--prompt-len")):
+        assert main(["bench", "kv", *argv, "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --model and --shape exclude each other
+        main(["bench", "kv", "--shape", "tiny", "--model", out, "--out", out])
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def _result(out: Path) -> dict[str, Any]:
+    (run,) = out.glob("kv-*/result.json")
+    return json.loads(run.read_text())
+
+
+@pytest.mark.timeout(120)
+def test_bench_kv_cpu_gloo_and_grpc(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    rc = main(["bench", "kv", "--shape", "tiny", "--prompt-len", "40,100", "--transport", "gloo,grpc",
+               "--dtype", "float32", "--repeats", "4", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "raw gloo ms" in printed and "wrote" in printed
+    r = _result(tmp_path)
+    assert r["benchmark"] == "kv" and r["device"] == "cpu" and r["problems"] == []
+    assert r["model"]["shape"] == "tiny" and r["model"]["arch"] == "llama" and r["model"]["num_layers"] == 4
+    assert r["layout"]["bytes_per_block"] == TINY_BLOCK_BYTES and r["layout"]["cache_blocks"] == 7 + 8
+    assert r["devices"]["sender"] == r["devices"]["receiver"] == "cpu" and r["raw_backend"] == "gloo"
+    assert [(x["prompt_len"], x["blocks"], x["bytes"]) for x in r["raw"]] == [
+        (40, 3, 3 * TINY_BLOCK_BYTES), (100, 7, 7 * TINY_BLOCK_BYTES)]
+    raw = {x["prompt_len"]: x for x in r["raw"]}
+    assert [(x["transport"], x["prompt_len"]) for x in r["results"]] == [
+        ("gloo", 40), ("gloo", 100), ("grpc", 40), ("grpc", 100)]
+    for row in r["results"]:
+        assert row["verified"] is True and row["repeats"] == 4 and row["warmup"] == 1 and not row["capped"]
+        assert len(row["handoff_times_ms"]) == 4
+        assert 0 < row["handoff_p10_ms"] <= row["handoff_ms"] <= row["handoff_p90_ms"]
+        assert row["handoff_gbps"] == pytest.approx(row["bytes"] / row["handoff_ms"] / 1e6)
+        assert row["raw_p2p_ms"] == raw[row["prompt_len"]]["median_ms"] > 0
+        assert row["raw_gbps"] == pytest.approx(row["bytes"] / row["raw_p2p_ms"] / 1e6)
+        assert row["ratio"] == pytest.approx(row["raw_p2p_ms"] / row["handoff_ms"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_kv_from_config_json_and_failed_sends(tmp_path: Path):
+    """--model needs only config.json; sends that time out become error rows (exit 1), the run still ends."""
+    from cluster.engine.make_model import build_config
+
+    model = tmp_path / "model"
+    build_config("qwen2", "tiny", "bfloat16").save_pretrained(model)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    rc = main(["bench", "kv", "--model", str(model), "--prompt-len", "33", "--transport", "grpc",
+               "--repeats", "2", "--out", str(tmp_path / "ok")])
+    assert rc == 0
+    r = _result(tmp_path / "ok")
+    assert r["model"]["path"] == str(model) and r["model"]["architecture"] == "Qwen2ForCausalLM"
+    assert r["dtype"] == "bfloat16" and r["layout"]["bytes_per_block"] == TINY_BLOCK_BYTES // 2
+    (row,) = r["results"]
+    assert (row["transport"], row["blocks"], row["repeats"], row["verified"]) == ("grpc", 3, 2, True)
+
+    rc = main(["bench", "kv", "--model", str(model), "--prompt-len", "16", "--transport", "gloo",
+               "--send-timeout", "0.000001", "--out", str(tmp_path / "bad")])
+    assert rc == 1
+    r = _result(tmp_path / "bad")
+    (row,) = r["results"]
+    assert "timed out" in row["error"] and r["problems"] and "handoff_ms" not in row
+    assert r["raw"][0]["median_ms"] > 0  # the raw reference ran regardless
