@@ -9,8 +9,10 @@ from typing import Any
 
 import yaml
 
+from cluster.worker.config import NO_TRANSPORT
+from router.config import MODES
+
 TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
-MODES = ("disaggregated",)
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,26 @@ class EngineOptions:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = False  # mix prompt chunks into decode steps (the usual colocated setup)
     enforce_eager: bool = False
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """A whole cluster: model, pools, transport, router and registry. `model=None`: the built-in tiny model."""
+    """A whole cluster: model, pools, transport, router and registry. `model=None`: the built-in tiny model.
+
+    `mode="disaggregated"` runs `prefill` + `decode` workers and moves KV between them over `transport`;
+    `mode="colocated"` runs `colocated` workers that each prefill and decode in one engine (no KV transport;
+    `transport` is not used). `colocated=None` means `prefill + decode`: the same GPUs, so switching `mode`
+    alone compares the two setups on identical hardware. Setting `colocated` in disaggregated mode is an error.
+    """
 
     model: str | None = None
     device: str = "cpu"
     mode: str = "disaggregated"
     prefill: int = 1
     decode: int = 1
+    colocated: int | None = None  # colocated mode only; None: prefill + decode
     transport: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051  # router port; 0 picks a free one
@@ -57,6 +67,12 @@ class ClusterConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.prefill < 1 or self.decode < 1:
             raise ValueError("need at least one prefill and one decode worker")
+        if self.colocated is not None:
+            if self.mode != "colocated":
+                raise ValueError(f"colocated={self.colocated} is a worker count for mode 'colocated', "
+                                 f"but mode is {self.mode!r}")
+            if self.colocated < 1:
+                raise ValueError(f"need at least one colocated worker, got colocated={self.colocated}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.transport in ("nccl", "cuda_ipc") and self.device != "cuda":
@@ -66,8 +82,17 @@ class ClusterConfig:
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be positive")
 
+    def worker_roles(self) -> list[str]:
+        """The role of each worker to start, in placement-bundle order."""
+        if self.mode == "colocated":
+            return ["colocated"] * (self.colocated or self.prefill + self.decode)
+        return ["prefill"] * self.prefill + ["decode"] * self.decode
+
     def resolved_transport(self) -> str:
-        """'auto' -> NCCL on GPUs (works within and across hosts), gloo (the same torch.distributed code) on CPU."""
+        """'auto' -> NCCL on GPUs (works within and across hosts), gloo (the same torch.distributed code) on CPU;
+        "none" in colocated mode, where no KV moves between workers."""
+        if self.mode == "colocated":
+            return NO_TRANSPORT
         if self.transport != "auto":
             return self.transport
         return "nccl" if self.device == "cuda" else "gloo"

@@ -55,7 +55,7 @@ class Cluster:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                n = config.prefill + config.decode
+                n = len(config.worker_roles())
                 gpus = None if config.device == "cuda" else n  # logical GPUs place CPU workers the same way
                 # "local": a private Ray even where `ray start` left an address in /tmp/ray/ray_current_cluster
                 ray.init(address="local", num_cpus=max(2, int(n * config.cpus_per_worker) + 1), num_gpus=gpus,
@@ -67,7 +67,7 @@ class Cluster:
             redis = RedisServer().start()
             redis_url = redis.url
             say(f"pdserve: started redis-server at {redis_url}")
-        bundles = [{"GPU": 1, "CPU": config.cpus_per_worker}] * (config.prefill + config.decode)
+        bundles = [{"GPU": 1, "CPU": config.cpus_per_worker}] * len(config.worker_roles())
         pg = placement_group(bundles, strategy="PACK")
         try:
             await asyncio.wait_for(pg.ready(), timeout=120)
@@ -75,8 +75,9 @@ class Cluster:
             raise RuntimeError(f"Ray could not place {len(bundles)} workers (1 GPU + {config.cpus_per_worker} CPU "
                                f"each): {ray.available_resources()}") from None
         router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
-                                  cluster_name=config.cluster_name, policy=config.policy, max_queue=config.max_queue,
-                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
+                                  cluster_name=config.cluster_name, mode=config.mode, policy=config.policy,
+                                  max_queue=config.max_queue, reserve_lease_ms=config.reserve_lease_ms,
+                                  max_model_len=config.engine.max_model_len)
         router = await serve(router_cfg)
         cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
         try:
@@ -84,9 +85,16 @@ class Cluster:
         except BaseException:
             await cluster.shutdown()
             raise
-        say(f"pdserve: router on {cluster.address}, {config.prefill} prefill + {config.decode} decode workers, "
-            f"transport {config.resolved_transport()}")
+        say(f"pdserve: router on {cluster.address}, {cluster.describe_workers()}")
         return cluster
+
+    def describe_workers(self) -> str:
+        """E.g. "1 prefill + 1 decode workers, transport gloo" or "2 colocated workers (no KV transport)"."""
+        roles = self.config.worker_roles()
+        if self.config.mode == "colocated":
+            return f"{len(roles)} colocated workers (no KV transport)"
+        return (f"{roles.count('prefill')} prefill + {roles.count('decode')} decode workers, "
+                f"transport {self.config.resolved_transport()}")
 
     def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
         c = self.config
@@ -113,7 +121,7 @@ class Cluster:
 
         from cluster.worker.actor import WorkerActor
 
-        roles = ["prefill"] * self.config.prefill + ["decode"] * self.config.decode
+        roles = self.config.worker_roles()
         env = {"OMP_NUM_THREADS": str(max(1, int(self.config.cpus_per_worker))), "RAY_DEDUP_LOGS": "0"}
         if self.config.resolved_transport() == "cuda_ipc":
             # CUDA IPC opens the peer's memory, so every GPU must stay visible; each worker then picks its own
@@ -136,7 +144,8 @@ class Cluster:
         end = time.monotonic() + timeout_s
         while not await self.router.update_health():
             if time.monotonic() > end:
-                raise RuntimeError("the router did not see both worker pools in the registry in time")
+                raise RuntimeError(f"the router did not see the workers ({self.describe_workers()}) in the registry "
+                                   "in time")
             await asyncio.sleep(0.1)
 
     async def shutdown(self, drain_s: float = 10.0) -> None:

@@ -12,15 +12,19 @@ import asyncio
 import logging
 import signal
 
-from cluster.cluster_config import TRANSPORTS, ClusterConfig
+from cluster.cluster_config import MODES, TRANSPORTS, ClusterConfig
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="cluster YAML (see deploy/examples/); flags below override it")
     parser.add_argument("--model", help="model directory (default: the built-in tiny model)")
     parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--mode", choices=MODES, help="prefill + decode pools (disaggregated, the default) or "
+                        "workers that do both in one engine (colocated)")
     parser.add_argument("--prefill", type=int, help="prefill workers")
     parser.add_argument("--decode", type=int, help="decode workers")
+    parser.add_argument("--colocated", type=int, help="colocated workers (with --mode colocated; default: prefill "
+                        "+ decode, the same GPUs)")
     parser.add_argument("--transport", choices=TRANSPORTS)
     parser.add_argument("--host", help="address to bind and advertise")
     parser.add_argument("--port", type=int, help="router port (0: pick a free one)")
@@ -30,9 +34,9 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
-    return base.replace(model=args.model, device=args.device, prefill=args.prefill, decode=args.decode,
-                        transport=args.transport, host=args.host, port=args.port, redis_url=args.redis_url,
-                        policy=args.policy)
+    return base.replace(model=args.model, device=args.device, mode=args.mode, prefill=args.prefill,
+                        decode=args.decode, colocated=args.colocated, transport=args.transport, host=args.host,
+                        port=args.port, redis_url=args.redis_url, policy=args.policy)
 
 
 async def serve_until_stopped(config: ClusterConfig) -> None:

@@ -12,10 +12,10 @@ import grpc
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.transport import KVTransport
-from cluster.wire import logprobs_to_proto, sampling_from_proto
+from cluster.wire import sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
-from cluster.worker.service_base import WorkerServicerBase
+from cluster.worker.service_base import WorkerServicerBase, chunk_from_output
 
 
 class DecodeServicer(WorkerServicerBase):
@@ -81,12 +81,7 @@ class DecodeServicer(WorkerServicerBase):
 
         first_chunk = True
         async for timed in self.run_request(rid, add, context):
-            out = timed.output
-            chunk = wpb.DecodeChunk(token_ids=out.new_token_ids, text=out.text_delta,
-                                    finish_reason=out.finish_reason or "")
-            if out.logprobs:
-                chunk.logprobs.extend(logprobs_to_proto(t, lp) for t, lp in
-                                      zip(out.new_token_ids, out.logprobs, strict=True))
+            chunk = chunk_from_output(timed.output)
             if first_chunk:
                 chunk.first_step_ms = (time.perf_counter() - timed.step_started) * 1e3
                 chunk.kv_wait_ms = kv_wait_ms

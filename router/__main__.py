@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 
-from router.config import POLICIES, RouterConfig
+from router.config import MODES, POLICIES, RouterConfig
 from router.server import serve
 
 
@@ -19,6 +19,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at start)")
     p.add_argument("--cluster-name", default="default")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--mode", choices=MODES, default="disaggregated",
+                   help="serve with prefill + decode workers, or with colocated workers")
     p.add_argument("--policy", choices=POLICIES, default="least_loaded")
     p.add_argument("--max-queue", type=int, default=1024, help="requests in flight before RESOURCE_EXHAUSTED")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -27,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--decode-first-token-timeout", type=float, default=60.0, help="seconds")
     a = p.parse_args(argv)
     return RouterConfig(model_dir=a.model, redis_url=a.redis_url, host=a.host, port=a.port,
-                        cluster_name=a.cluster_name, served_model_name=a.served_model_name, policy=a.policy,
-                        max_queue=a.max_queue, max_model_len=a.max_model_len, reserve_lease_ms=a.reserve_lease_ms,
+                        cluster_name=a.cluster_name, served_model_name=a.served_model_name, mode=a.mode,
+                        policy=a.policy, max_queue=a.max_queue, max_model_len=a.max_model_len,
+                        reserve_lease_ms=a.reserve_lease_ms,
                         prefill_timeout_s=a.prefill_timeout,
                         decode_first_token_timeout_s=a.decode_first_token_timeout)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+MODES = ("disaggregated", "colocated")  # colocated: one worker prefills and decodes each request
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,26 @@ class RouterConfig:
     port: int = 0  # 0: pick a free port (see RouterServer.port)
     cluster_name: str = "default"
     served_model_name: str | None = None  # None: the model directory's name
+    mode: str = "disaggregated"  # which workers serve: prefill + decode pools, or colocated workers
     policy: str = "least_loaded"
     max_queue: int = 1024
     max_model_len: int | None = None
     reserve_lease_ms: int = 60_000  # how long a decode reservation waits for the KV and the Decode call
     reserve_timeout_s: float = 5.0  # decode worker's Reserve RPC
-    prefill_timeout_s: float = 60.0  # Prefill RPC (queue + prefill + KV push); also capped by the lease
+    prefill_timeout_s: float = 60.0  # Prefill RPC (queue + prefill + KV push; lease-capped); colocated: 1st token
     decode_first_token_timeout_s: float = 60.0  # Decode call -> its first chunk
     decode_chunk_timeout_s: float = 60.0  # longest gap between later chunks
     cancel_timeout_s: float = 2.0  # best-effort Cancel RPCs on cleanup
     max_decode_attempts: int = 3  # decode workers tried when one refuses the reservation or is down
-    max_prefill_attempts: int = 2  # prefill workers tried when one is unreachable
+    max_prefill_attempts: int = 2  # prefill (or colocated) workers tried when one is unreachable
     prefix_ttl_s: float = 300.0  # how long a prefill worker is assumed to keep a prompt's blocks cached
     prefix_load_slack: int = 8  # prefix_aware: prefer the cache holder unless it has this much more load
     health_interval_s: float = 1.0  # registry poll for the health status
+
+    @property
+    def serving_roles(self) -> tuple[str, ...]:
+        """The worker roles that must be registered to serve; the first one runs the prompts (the policy's)."""
+        return ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -47,6 +54,8 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.cluster_name or "{" in self.cluster_name or "}" in self.cluster_name:
             raise ValueError(f"cluster_name must be non-empty and free of braces, got {self.cluster_name!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.max_queue < 0:

@@ -2,6 +2,8 @@
 
 Every exit path frees what it took: registry counters in `finally` next to where they were taken, and on
 any failure or client cancel, the in-flight worker RPCs are cancelled and both workers get a Cancel.
+`Orchestrator` runs the disaggregated flow; `router.colocated.ColocatedOrchestrator` replaces only the flow
+(`_run`) and shares the rest: admission, placement (`_place`), registry bookkeeping and cleanup.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from router.errors import RouterError, worker_error
 from router.model_info import ModelInfo
 from router.policy import PrefillPolicy
 from router.validation import ValidRequest, validate
+from router.worker_stream import ms_since, next_chunk, relay, what
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,12 +37,12 @@ Code = grpc.StatusCode
 
 
 @dataclass
-class _Run:
+class RequestRun:
     """What one request holds on the workers, for cleanup."""
 
     request_id: str
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
-    decode_call: Any = None
+    stream_call: Any = None  # the worker's token stream (Decode, or colocated Generate)
     finished: bool = False
 
 
@@ -50,10 +53,6 @@ def _earliest(end: float, time_remaining: Callable[[], float | None]) -> Callabl
         own = end - time.perf_counter()
         return own if call_left is None else min(own, call_left)
     return left
-
-
-def _ms(t0: float, t1: float | None = None) -> float:
-    return ((t1 if t1 is not None else time.perf_counter()) - t0) * 1000.0
 
 
 class Orchestrator:
@@ -94,7 +93,7 @@ class Orchestrator:
         if v.request_id in self._inflight:
             raise RouterError(Code.ALREADY_EXISTS, f"request_id {v.request_id!r} is already in flight")
         self._inflight.add(v.request_id)
-        run = _Run(v.request_id)
+        run = RequestRun(v.request_id)
         try:
             async for msg in self._run(v, run, t0, time_remaining):
                 yield msg
@@ -103,7 +102,7 @@ class Orchestrator:
             if not run.finished:
                 self._spawn_cleanup(run)
 
-    def _spawn_cleanup(self, run: _Run) -> None:
+    def _spawn_cleanup(self, run: RequestRun) -> None:
         """Cleanup in the background: the client's status must not wait for a dead worker."""
         self._spawn(self._cleanup(run))
 
@@ -129,8 +128,9 @@ class Orchestrator:
         left = time_remaining()
         return limit if left is None else max(0.001, min(limit, left))
 
-    async def _run(self, v: ValidRequest, run: _Run, t0: float,
+    async def _run(self, v: ValidRequest, run: RequestRun, t0: float,
                    time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
+        """The flow of one validated request: yields the client's responses, sets `run.finished` at the end."""
         cfg, rid = self.config, v.request_id
         workers = await self.reg(self.registry.list_workers())
         prefills = [w for w in workers if w[0].role == "prefill"]
@@ -152,10 +152,10 @@ class Orchestrator:
         first = pb.Delta(token_ids=[prefilled.first_token_id], text=prefilled.text)
         if prefilled.HasField("first_logprobs"):
             first.logprobs.append(prefilled.first_logprobs)
-        ttft_ms = _ms(t0)
+        ttft_ms = ms_since(t0)
         yield pb.GenerateResponse(request_id=rid, delta=first)
         pt = prefilled.timing
-        timing = pb.Timing(queue_ms=_ms(t0, t_prefill) + pt.queue_ms, prefill_ms=pt.prefill_ms,
+        timing = pb.Timing(queue_ms=ms_since(t0, t_prefill) + pt.queue_ms, prefill_ms=pt.prefill_ms,
                            kv_handoff_ms=pt.kv_handoff_ms, ttft_ms=ttft_ms)
         usage = pb.Usage(prompt_tokens=len(v.token_ids), completion_tokens=1,
                          cached_prompt_tokens=pt.num_cached_tokens)
@@ -170,39 +170,24 @@ class Orchestrator:
                                             time_remaining):
                 yield pb.GenerateResponse(request_id=rid, delta=delta)
         run.finished = True
-        final.timing.total_ms = _ms(t0)
+        final.timing.total_ms = ms_since(t0)
         yield pb.GenerateResponse(request_id=rid, final=final)
 
     async def _decode(self, v: ValidRequest, dinfo: WorkerInfo, sampling: pb.SamplingParams, first_token: int,
-                      run: _Run, final: pb.Final,
+                      run: RequestRun, final: pb.Final,
                       time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.Delta]:
         """Stream the decode worker's chunks as deltas; fills `final`'s finish reason, usage and timing."""
-        cfg, rid = self.config, v.request_id
         call = self.channels.stub(dinfo.address).Decode(
-            wpb.DecodeRequest(request_id=rid, token_ids=v.token_ids, first_token_id=first_token, sampling=sampling),
+            wpb.DecodeRequest(request_id=v.request_id, token_ids=v.token_ids, first_token_id=first_token,
+                              sampling=sampling),
             timeout=time_remaining())
-        run.decode_call = call
-        what = f"decode on worker {dinfo.worker_id} ({dinfo.address})"
-        chunks = 0
-        while not final.finish_reason:
-            limit = cfg.decode_chunk_timeout_s if chunks else cfg.decode_first_token_timeout_s
-            try:
-                chunk = await asyncio.wait_for(call.read(), limit)
-            except TimeoutError:
-                raise RouterError(Code.DEADLINE_EXCEEDED, f"{what}: no tokens for {limit:g}s") from None
-            except grpc.aio.AioRpcError as err:
-                raise worker_error(err, what) from None
-            if chunk is grpc.aio.EOF:
-                raise RouterError(Code.ABORTED, f"{what}: stream ended without a finish reason")
-            if not chunks:
-                final.timing.first_decode_step_ms = chunk.first_step_ms
-            chunks += 1
-            final.usage.completion_tokens += len(chunk.token_ids)
-            final.finish_reason = chunk.finish_reason
-            if chunk.token_ids or chunk.text:
-                yield pb.Delta(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+        run.stream_call = call
+        step = what("decode", dinfo)
+        first = await next_chunk(call, self.config.decode_first_token_timeout_s, step)
+        async for delta in relay(call, step, first, final, self.config.decode_chunk_timeout_s):
+            yield delta
 
-    async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: _Run,
+    async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                        time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
         """Registry pick-and-reserve, then the worker's own Reserve; next worker if it is full or down."""
         infos = {w.worker_id: w for w, _ in decodes}
@@ -246,33 +231,48 @@ class Orchestrator:
                                                    f"({len(decodes)} decode workers registered)")
 
     async def _prefill(self, v: ValidRequest, prefills: list[tuple[WorkerInfo, WorkerLoad]],
-                       req: wpb.PrefillRequest, run: _Run,
+                       req: wpb.PrefillRequest, run: RequestRun,
                        time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.PrefillReply]:
-        """Prefill on the policy's choice; the next choice only if the worker is unreachable.
-        `time_remaining` is bounded by the decode reservation's lease: KV pushed later has nowhere to go."""
-        prefix_aware = self.policy.name == "prefix_aware"  # nothing else reads the hashes
-        hashes = chain_block_hashes(v.token_ids, prefills[0][0].block_size) if prefix_aware else []
-        order = (await self.reg(self.policy.order(prefills, hashes)))[: self.config.max_prefill_attempts]
-        for i, info in enumerate(order):
-            run.workers[info.worker_id] = info
-            what = f"prefill on worker {info.worker_id} ({info.address})"
-            await self._take(self.registry.incr_inflight(info.worker_id),
-                             lambda _, wid=info.worker_id: self.registry.decr_inflight(wid))
+        """Prefill on the policy's choice (see `_place`). `time_remaining` is bounded by the decode reservation's
+        lease: KV pushed later has nowhere to go."""
+        async def prefill(info: WorkerInfo, name: str) -> wpb.PrefillReply:
             try:
-                reply = await self.channels.stub(info.address).Prefill(
+                return await self.channels.stub(info.address).Prefill(
                     req, timeout=self._timeout(self.config.prefill_timeout_s, time_remaining))
             except grpc.aio.AioRpcError as err:
-                if err.code() == Code.UNAVAILABLE and i + 1 < len(order):
-                    log.warning("%s unreachable, trying the next prefill worker: %s", what, err.details())
+                raise worker_error(err, name) from None
+
+        return await self._place(v, prefills, run, "prefill", prefill)
+
+    async def _place(self, v: ValidRequest, workers: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
+                     step: str, attempt: Callable[[WorkerInfo, str], Awaitable[T]],
+                     keep_inflight: bool = False) -> tuple[WorkerInfo, T]:
+        """`attempt(worker, what)` on the policy's choice among `workers`, the next choice only while a worker
+        is unreachable (UNAVAILABLE). The worker's router-side inflight count covers the attempt; with
+        `keep_inflight` it stays taken after a success, and the caller releases it (`decr_inflight`).
+        The prefix-aware policy then notes the prompt's blocks as cached on the worker that ran it."""
+        prefix_aware = self.policy.name == "prefix_aware"  # nothing else reads the hashes
+        hashes = chain_block_hashes(v.token_ids, workers[0][0].block_size) if prefix_aware else []
+        order = (await self.reg(self.policy.order(workers, hashes)))[: self.config.max_prefill_attempts]
+        for i, info in enumerate(order):
+            wid, name, held = info.worker_id, what(step, info), False
+            run.workers[wid] = info
+            await self._take(self.registry.incr_inflight(wid), lambda _, w=wid: self.registry.decr_inflight(w))
+            try:
+                result = await attempt(info, name)
+                if hashes:
+                    await self._quietly(self.registry.record_prefixes(wid, hashes, self.config.prefix_ttl_s))
+                held = keep_inflight
+                return info, result
+            except RouterError as err:
+                if err.code == Code.UNAVAILABLE and i + 1 < len(order):
+                    log.warning("%s: %s; trying the next worker", name, err.reason)
                     continue
-                raise worker_error(err, what) from None
+                raise
             finally:
-                await self._quietly(self.registry.decr_inflight(info.worker_id))
-            if hashes:
-                await self._quietly(self.registry.record_prefixes(info.worker_id, hashes,
-                                                                  self.config.prefix_ttl_s))
-            return info, reply
-        raise RouterError(Code.UNAVAILABLE, "no prefill worker could be tried")  # order was empty
+                if not held:
+                    await self._quietly(self.registry.decr_inflight(wid))
+        raise RouterError(Code.UNAVAILABLE, f"no worker could be tried for {step}")  # order was empty
 
     async def _quietly(self, coro: Awaitable[Any]) -> None:
         """Bookkeeping that must not mask the request's own outcome (and survives a second cancel)."""
@@ -281,10 +281,10 @@ class Orchestrator:
         except Exception as exc:  # noqa: BLE001 - logged; the counters also expire on their own
             log.warning("registry bookkeeping failed: %s", exc)
 
-    async def _cleanup(self, run: _Run) -> None:
-        """Cancel the Decode stream and tell every worker involved to free the request (idempotent)."""
-        if run.decode_call is not None:
-            run.decode_call.cancel()
+    async def _cleanup(self, run: RequestRun) -> None:
+        """Cancel the token stream and tell every worker involved to free the request (idempotent)."""
+        if run.stream_call is not None:
+            run.stream_call.cancel()
         req = wpb.CancelRequest(request_id=run.request_id)
 
         async def cancel(info: WorkerInfo) -> None:

@@ -1,5 +1,5 @@
 """The public gRPC endpoint: GenerateService, standard health (SERVING once the cluster has at least one
-prefill and one decode worker) and reflection, on grpc.aio."""
+prefill and one decode worker; in colocated mode, one colocated worker) and reflection, on grpc.aio."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pdserve.v1 import generate_pb2_grpc as pb_grpc
 
 from cluster.registry import AsyncRegistry
 from router.channels import WorkerChannels
+from router.colocated import ColocatedOrchestrator
 from router.config import RouterConfig
 from router.errors import RouterError
 from router.model_info import ModelInfo
@@ -77,13 +78,14 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
             workers = await orch.reg(orch.registry.list_workers())
         except RouterError as err:
             await context.abort(err.code, err.reason)
-        decode = [w for w, _ in workers if w.role == "decode"]
-        prefill = [w for w, _ in workers if w.role == "prefill"]
+        roles = orch.config.serving_roles  # colocated mode: ("colocated",), which counts as both pools
+        prefill = [w for w, _ in workers if w.role == roles[0]]
+        decode = [w for w, _ in workers if w.role == roles[-1]]
         sizes = {w.block_size for w in decode + prefill}
         return pb.ServerInfo(
             model=model.name, max_model_len=model.max_model_len, vocab_size=model.vocab_size,
             num_prefill_workers=len(prefill), num_decode_workers=len(decode),
-            transport=",".join(sorted({w.transport for w in decode})), mode="disaggregated",
+            transport=",".join(sorted({w.transport for w in decode})), mode=orch.config.mode,
             policy=orch.policy.name, block_size=sizes.pop() if len(sizes) == 1 else 0, version=__version__)
 
 
@@ -105,10 +107,11 @@ class RouterServer:
         return f"{self.config.host}:{self.port}"
 
     async def update_health(self) -> bool:
-        """Poll the registry once; SERVING iff at least one prefill and one decode worker are live."""
+        """Poll the registry once; SERVING iff a worker of each role the mode needs is live (prefill and
+        decode, or colocated)."""
         try:
             roles = {w.role for w, _ in await self.orchestrator.registry.list_workers()}
-            serving = {"prefill", "decode"} <= roles
+            serving = set(self.config.serving_roles) <= roles
         except Exception as exc:  # noqa: BLE001 - Redis down: not serving, keep polling
             log.warning("health: registry unavailable: %s", exc)
             serving = False
@@ -149,8 +152,9 @@ async def serve(config: RouterConfig) -> RouterServer:
     """Build and start a router; ValueError for a bad model directory, RuntimeError if the port is taken."""
     model = ModelInfo.load(config.model_dir, config.served_model_name, config.max_model_len)
     registry = AsyncRegistry(config.redis_url, config.cluster_name)
-    orchestrator = Orchestrator(config, model, registry, WorkerChannels(),
-                                make_policy(config.policy, registry, config.prefix_load_slack))
+    flow = ColocatedOrchestrator if config.mode == "colocated" else Orchestrator
+    orchestrator = flow(config, model, registry, WorkerChannels(),
+                        make_policy(config.policy, registry, config.prefix_load_slack, role=config.serving_roles[0]))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator), server)
     health_servicer = health.aio.HealthServicer()
@@ -168,6 +172,6 @@ async def serve(config: RouterConfig) -> RouterServer:
         raise RuntimeError(f"router cannot bind {config.host}:{config.port}: {exc}") from None
     router = RouterServer(config, server, port, orchestrator, health_servicer)
     await router.start()
-    log.info("router on %s: model %s, policy %s, cluster %s", router.address, model.name, config.policy,
-             config.cluster_name)
+    log.info("router on %s: model %s, %s mode, policy %s, cluster %s", router.address, model.name, config.mode,
+             config.policy, config.cluster_name)
     return router

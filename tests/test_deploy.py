@@ -27,7 +27,7 @@ PACKAGES = ("cluster", "router", "prefill_worker", "decode_worker", "proto")  # 
 Renderer = Callable[[dict[str, Any]], list[dict[str, Any]]]
 
 
-@pytest.mark.parametrize("name", ["cpu.yaml", "gpu-1host.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu-1host.yaml", "cpu-colocated.yaml"])
 def test_example_configs_load(name: str) -> None:
     config = ClusterConfig.from_yaml(DEPLOY / "examples" / name)
     assert config.prefill >= 1 and config.decode >= 1
@@ -152,6 +152,15 @@ def test_chart_renders_cpu_cluster_with_external_redis(helm: tuple[Renderer, Cal
     assert "nvidia.com/gpu" not in worker["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     assert "--num-gpus=2" in config_map["data"]["start-worker.sh"]
     assert "--num-cpus=3" in config_map["data"]["start-worker.sh"]  # 2 bundles of 1.5 CPUs
+
+
+def test_chart_renders_colocated_cluster(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    docs = helm[0]({"cluster": {"mode": "colocated", "colocated": 3}, "worker": {"gpusPerPod": 2}})
+    config_map = by_kind(docs, "ConfigMap")["demo-pdserve"]
+    config = ClusterConfig.from_dict(yaml.safe_load(config_map["data"]["cluster.yaml"]))
+    assert config.worker_roles() == ["colocated"] * 3 and config.resolved_transport() == "none"
+    assert "need = 3" in config_map["data"]["start-head.sh"]
+    assert by_kind(docs, "Deployment")["demo-pdserve-worker"]["spec"]["replicas"] == 2  # 3 workers, 2 per pod
 
 
 def test_chart_needs_a_reachable_redis(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:

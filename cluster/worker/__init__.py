@@ -1,1 +1,1 @@
-"""What both worker roles share: config, the engine thread, the gRPC server, registration and the Ray actor."""
+"""What every worker role shares: config, the engine thread, the gRPC server, registration and the Ray actor."""

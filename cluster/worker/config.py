@@ -6,19 +6,20 @@ from dataclasses import dataclass
 
 from cluster.config import EngineConfig
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "colocated")  # colocated: prefill and decode in one engine, no KV transport
+NO_TRANSPORT = "none"
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """A prefill or decode worker: its engine, KV transport, registry and timing knobs."""
+    """A prefill, decode or colocated worker: its engine, KV transport, registry and timing knobs."""
 
     role: str
     engine: EngineConfig
     redis_url: str
     cluster_name: str = "default"
     worker_id: str = ""  # "" -> "<role>-<random>"
-    transport: str = "gloo"  # resolved by the launcher ("auto" never reaches a worker)
+    transport: str = "gloo"  # resolved by the launcher ("auto" never reaches a worker); colocated: "none"
     host: str = "127.0.0.1"  # address to bind and advertise
     heartbeat_s: float = 0.5
     max_queue: int = 512  # requests waiting in this worker beyond which it answers RESOURCE_EXHAUSTED
@@ -31,6 +32,9 @@ class WorkerConfig:
             raise ValueError("redis_url must be given")
         if self.transport == "auto":
             raise ValueError("resolve transport 'auto' before building a WorkerConfig")
+        if (self.role == "colocated") != (self.transport == NO_TRANSPORT):
+            raise ValueError(f"transport {NO_TRANSPORT!r} goes with role 'colocated' and only with it, got role "
+                             f"{self.role!r} with transport {self.transport!r}")
         if self.heartbeat_s <= 0 or self.kv_send_timeout_s <= 0:
             raise ValueError("heartbeat_s and kv_send_timeout_s must be positive")
         if self.max_queue < 1:

@@ -1,8 +1,8 @@
-"""A running worker: engine thread + KV transport + internal gRPC service + registry heartbeat.
+"""A running worker: engine thread + KV transport (not colocated) + internal gRPC service + registry heartbeat.
 
 `WorkerServer.start()` loads the model, listens, registers in Redis and heartbeats its load;
 `drain()` deregisters (routers stop placing requests here) and waits for running requests to finish;
-`stop()` tears everything down. Both roles use it; the role decides the servicer.
+`stop()` tears everything down. Every role uses it; the role decides the servicer.
 """
 
 from __future__ import annotations
@@ -46,26 +46,17 @@ class WorkerServer:
         cfg = self.config
         engine = await asyncio.to_thread(LLMEngine, cfg.engine)
         self.loop = EngineLoop(engine)
-        self.transport = create_transport(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host)
-        endpoint = ""
-        if cfg.role == "decode":
-            from decode_worker.service import DecodeServicer
-
-            endpoint = await asyncio.to_thread(self.transport.listen)
-            self.servicer = DecodeServicer(cfg, self.worker_id, self.loop, self.transport, endpoint)
-        else:
-            from prefill_worker.service import PrefillServicer
-
-            self.servicer = PrefillServicer(cfg, self.worker_id, self.loop, self.transport)
+        self.servicer, endpoint = await self._make_servicer(engine, self.loop)
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         wpb_grpc.add_WorkerServiceServicer_to_server(self.servicer, self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:0")
         await self._server.start()
         self.address = f"{cfg.host}:{port}"
         stats = self.loop.stats
+        transport = self.transport.name if self.transport is not None else cfg.transport  # colocated: "none"
         self._info = WorkerInfo(
             worker_id=self.worker_id, role=cfg.role, address=self.address, model=cfg.engine.model,
-            transport=self.transport.name, transport_endpoint=endpoint, host_id=socket.gethostname(),
+            transport=transport, transport_endpoint=endpoint, host_id=socket.gethostname(),
             total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size)
         self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name)
         await self._registry.register(self._info, self._ttl, self._load())
@@ -74,6 +65,23 @@ class WorkerServer:
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("worker %s (%s) serving on %s", self.worker_id, cfg.role, self.address)
         return self.address
+
+    async def _make_servicer(self, engine: LLMEngine, loop: EngineLoop) -> tuple[WorkerServicerBase, str]:
+        """The role's servicer (and its KV transport, if the role moves KV) and the transport's endpoint."""
+        cfg = self.config
+        if cfg.role == "colocated":
+            from cluster.worker.colocated_service import ColocatedServicer
+
+            return ColocatedServicer(cfg, self.worker_id, loop), ""
+        self.transport = create_transport(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host)
+        if cfg.role == "decode":
+            from decode_worker.service import DecodeServicer
+
+            endpoint = await asyncio.to_thread(self.transport.listen)
+            return DecodeServicer(cfg, self.worker_id, loop, self.transport, endpoint), endpoint
+        from prefill_worker.service import PrefillServicer
+
+        return PrefillServicer(cfg, self.worker_id, loop, self.transport), ""
 
     @property
     def _ttl(self) -> float:

@@ -1,4 +1,4 @@
-"""What every worker's `WorkerService` answers the same way: stats, and the plumbing of both roles."""
+"""What every worker's `WorkerService` answers the same way: stats, cancel, and the plumbing of every role."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pdserve.v1 import worker_pb2_grpc as wpb_grpc
 
 from cluster.engine import LLMEngine, StepOutput
 from cluster.engine.outputs import FINISH_ABORT
+from cluster.wire import logprobs_to_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop, output_queue
 
@@ -24,8 +25,17 @@ class Timed:
     step_started: float
 
 
+def chunk_from_output(out: StepOutput) -> wpb.DecodeChunk:
+    """One engine output as a stream chunk: its new tokens, text, logprobs and (last one) finish reason."""
+    chunk = wpb.DecodeChunk(token_ids=out.new_token_ids, text=out.text_delta, finish_reason=out.finish_reason or "")
+    if out.logprobs:
+        chunk.logprobs.extend(logprobs_to_proto(t, lp) for t, lp in zip(out.new_token_ids, out.logprobs, strict=True))
+    return chunk
+
+
 class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
-    """Shared parts; the role modules add Prefill or Reserve/Decode. Unimplemented RPCs answer UNIMPLEMENTED."""
+    """Shared parts; the role modules add Prefill, Reserve/Decode or Generate. Unimplemented RPCs answer
+    UNIMPLEMENTED."""
 
     def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> None:
         self.config = config

@@ -96,21 +96,33 @@ class DecodeRequest(_message.Message):
     sampling: _generate_pb2.SamplingParams
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
+class WorkerGenerateRequest(_message.Message):
+    __slots__ = ("request_id", "token_ids", "sampling")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _generate_pb2.SamplingParams
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
 class DecodeChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "first_step_ms", "kv_wait_ms")
+    __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "first_step_ms", "kv_wait_ms", "prefill")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     KV_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[_generate_pb2.TokenLogprobs]
     finish_reason: str
     first_step_ms: float
     kv_wait_ms: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_generate_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., first_step_ms: _Optional[float] = ..., kv_wait_ms: _Optional[float] = ...) -> None: ...
+    prefill: PrefillTiming
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[_generate_pb2.TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., first_step_ms: _Optional[float] = ..., kv_wait_ms: _Optional[float] = ..., prefill: _Optional[_Union[PrefillTiming, _Mapping]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -49,6 +49,11 @@ class WorkerServiceStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/pdserve.v1.WorkerService/Generate',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/pdserve.v1.WorkerService/Cancel',
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.CancelRequest.SerializeToString,
@@ -88,15 +93,24 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Colocated role: prefill and decode the request in this worker's own engine (no KV moves), streaming
+        tokens; the first chunk carries the first token and the prefill timing. RESOURCE_EXHAUSTED if the
+        worker's queue is full, INVALID_ARGUMENT for a request the engine refuses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Cancel(self, request, context):
-        """Both roles: free everything held for request_id (idempotent; unknown ids are fine).
+        """Every role: free everything held for request_id (idempotent; unknown ids are fine).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Both roles: live load.
+        """Every role: live load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +132,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
@@ -211,6 +230,33 @@ class WorkerService:
             target,
             '/pdserve.v1.WorkerService/Decode',
             pdserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.WorkerService/Generate',
+            pdserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
             options,
             channel_credentials,

@@ -48,10 +48,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- toYaml $cluster -}}
 {{- end -}}
 
+{{/* How many workers (one GPU each) the cluster runs: prefill + decode, or in colocated mode `colocated`
+(default prefill + decode), as ClusterConfig.worker_roles() counts them. */}}
+{{- define "pdserve.numWorkers" -}}
+{{- $c := .Values.cluster -}}
+{{- if and (eq (toString $c.mode) "colocated") (not (kindIs "invalid" $c.colocated)) -}}
+{{- $c.colocated -}}
+{{- else -}}
+{{- add $c.prefill $c.decode -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "pdserve.workerReplicas" -}}
 {{- if kindIs "invalid" .Values.worker.replicas -}}
 {{- $gpus := int .Values.worker.gpusPerPod -}}
-{{- div (add .Values.cluster.prefill .Values.cluster.decode $gpus -1) $gpus -}}
+{{- div (add (int (include "pdserve.numWorkers" .)) $gpus -1) $gpus -}}
 {{- else -}}
 {{- .Values.worker.replicas -}}
 {{- end -}}

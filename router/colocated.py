@@ -1,0 +1,66 @@
+"""The colocated request path: validate -> place on a colocated worker (the policy over its load:
+waiting + running, which there counts decodes too) -> Generate: that worker prefills and decodes in one
+engine -> relay its stream. The baseline that the disaggregated flow is measured against, on the same
+model and GPUs; the client sees the same messages (kv_handoff_ms = 0, prefill_worker = decode_worker).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from pdserve.v1 import generate_pb2 as pb
+from pdserve.v1 import worker_pb2 as wpb
+
+from cluster.registry import WorkerInfo
+from cluster.wire import sampling_to_proto
+from router.errors import RouterError
+from router.orchestrator import Orchestrator, RequestRun
+from router.validation import ValidRequest
+from router.worker_stream import ms_since, next_chunk, relay, what
+
+ROLE = "colocated"
+
+
+class ColocatedOrchestrator(Orchestrator):
+    """Runs Generate requests on colocated workers; only the flow differs from `Orchestrator`."""
+
+    async def _run(self, v: ValidRequest, run: RequestRun, t0: float,
+                   time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
+        cfg, rid = self.config, v.request_id
+        workers = await self.reg(self.registry.list_workers(role=ROLE))
+        if not workers:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                              f"no colocated workers are registered in cluster {cfg.cluster_name!r}")
+        req = wpb.WorkerGenerateRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling_to_proto(v.sampling))
+        t_call = time.perf_counter()
+
+        async def generate(info: WorkerInfo, step: str) -> tuple[Any, wpb.DecodeChunk]:
+            """Start the stream and read its first chunk (the first token): an unreachable worker shows here,
+            before the client has seen anything, so the next one can still be tried."""
+            call = self.channels.stub(info.address).Generate(req, timeout=time_remaining())
+            run.stream_call = call
+            try:
+                return call, await next_chunk(call, self._timeout(cfg.prefill_timeout_s, time_remaining), step)
+            except BaseException:
+                call.cancel()
+                raise
+
+        # The worker's inflight count stays taken for the whole stream: decodes are load here too.
+        info, (call, first) = await self._place(v, workers, run, "generate", generate, keep_inflight=True)
+        try:
+            pt = first.prefill
+            final = pb.Final(
+                usage=pb.Usage(prompt_tokens=len(v.token_ids), cached_prompt_tokens=pt.num_cached_tokens),
+                timing=pb.Timing(queue_ms=ms_since(t0, t_call) + pt.queue_ms, prefill_ms=pt.prefill_ms,
+                                 kv_handoff_ms=0.0, ttft_ms=ms_since(t0)),
+                prefill_worker=info.worker_id, decode_worker=info.worker_id)
+            async for delta in relay(call, what("generate", info), first, final, cfg.decode_chunk_timeout_s):
+                yield pb.GenerateResponse(request_id=rid, delta=delta)
+            run.finished = True
+            final.timing.total_ms = ms_since(t0)
+            yield pb.GenerateResponse(request_id=rid, final=final)
+        finally:
+            await self._quietly(self.registry.decr_inflight(info.worker_id))
