@@ -26,8 +26,9 @@ from cluster.registry import WorkerInfo, WorkerLoad
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
 from tests.cluster_harness import ClusterHarness
+from tests.sdk_router_helpers import BLOCK, FakeWorker, wait_for
 from tests.test_cluster_e2e import _generate_all, offline  # noqa: F401 - offline: the fixture
-from tests.test_sdk_router import BLOCK, FakeWorker, make_cluster, wait_for  # noqa: F401 - the fixture
+from tests.test_sdk_router import make_cluster  # noqa: F401 - a fixture
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-colocated.yaml"
 

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from cluster.engine.kv_layout import KVLayout
+from cluster.transport._paired import OutPair, PairedTransport
 from cluster.transport._store_ctl import StoreClient, StoreServer
-from cluster.transport.base import KVTransport, TransportError, TransportRejected, _Expected
+from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 
@@ -59,19 +59,17 @@ def _segment_base(ptr: int) -> tuple[int, int]:
 
 
 @dataclass
-class _OutPair:
-    endpoint: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    ctl: StoreClient | None = None
+class _OutPair(OutPair):
     peer_ptr: int = 0  # the mapped segment base, for ipcCloseMemHandle
     peer_cache: torch.Tensor | None = None
-    seq: int = 0
 
 
-class CudaIpcTransport(KVTransport):
+class CudaIpcTransport(PairedTransport):
     """Same-host GPU to GPU through CUDA IPC; the copy is a PyTorch gather/scatter into peer memory."""
 
     name: ClassVar[str] = "cuda_ipc"
+    _pair_type = _OutPair
+    _keep_pair_on = TransportError  # _transfer itself disconnects where the pair is out of step
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
                  write_grace_s: float = 5.0) -> None:
@@ -80,12 +78,9 @@ class CudaIpcTransport(KVTransport):
         super().__init__(layout, cache, host=host)
         self._dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
         self._grace = write_grace_s
-        self._lock = threading.Lock()
         self._server: StoreServer | None = None
         self._export: dict[str, Any] = {}
         self._tickets: dict[tuple[int, int], tuple[str, _Expected]] = {}
-        self._out: dict[str, _OutPair] = {}
-        self._closed = False
 
     # --- receiver -----------------------------------------------------------------------------------
     def listen(self) -> str:
@@ -133,34 +128,6 @@ class CudaIpcTransport(KVTransport):
                                 "error": None if current else "the claim lapsed before the write ended"})
 
     # --- sender -------------------------------------------------------------------------------------
-    def send(self, endpoint: str, request_id: str, src_block_ids: list[int], dst_block_ids: list[int],
-             timeout_s: float) -> None:
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destinations")
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            if self._closed:
-                raise TransportError("transport is closed")
-            pair = self._out.setdefault(endpoint, _OutPair(endpoint))
-        if not pair.lock.acquire(timeout=max(timeout_s, 0.0)):
-            raise TransportError(f"timed out after {timeout_s:.3g}s waiting for other sends to {endpoint}")
-        try:
-            self._transfer(pair, request_id, src_block_ids, dst_block_ids, deadline)
-        except TransportError:
-            raise
-        except Exception as e:
-            self._disconnect(pair)
-            raise TransportError(f"KV send of {request_id!r} to {endpoint} failed: {e}") from e
-        finally:
-            pair.lock.release()
-
-    @staticmethod
-    def _left(deadline: float) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransportError("KV send timed out")
-        return left
-
     def _connect(self, pair: _OutPair, deadline: float) -> None:
         cupy = _cupy()
         pair.ctl = StoreClient(pair.endpoint, self._left(deadline))
@@ -238,11 +205,6 @@ class CudaIpcTransport(KVTransport):
             self._closed = True
             server, self._server = self._server, None
             pairs = list(self._out.values())
-        for pair in pairs:
-            if pair.lock.acquire(timeout=5.0):
-                try:
-                    self._disconnect(pair)
-                finally:
-                    pair.lock.release()
+        self._disconnect_pairs(pairs)
         if server is not None:
             server.close()

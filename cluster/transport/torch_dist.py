@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from cluster.engine.kv_layout import KVLayout
+from cluster.transport._paired import OutPair, PairedTransport
 from cluster.transport._store_ctl import StoreClient, StoreServer, bounded
-from cluster.transport.base import KVTransport, TransportError, TransportRejected
+from cluster.transport.base import TransportError, TransportRejected
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +57,22 @@ def _first_line(e: BaseException) -> str:
 
 
 @dataclass
-class _OutPair:
-    """Sender-side state of one pair; `lock` serialises transfers on it."""
-
-    endpoint: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    ctl: StoreClient | None = None
+class _OutPair(OutPair):
     pg: Any = None
-    seq: int = 0
 
 
-class _TorchDistTransport(KVTransport):
+class _TorchDistTransport(PairedTransport):
     backend: ClassVar[str]
+    _pair_type = _OutPair
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
                  recv_grace_s: float = 5.0) -> None:
         super().__init__(layout, cache, host=host)
         self._wire = torch.device("cpu") if self.backend == "gloo" else cache.device
         self._recv_grace_s = recv_grace_s
-        self._lock = threading.Lock()
         self._server: StoreServer | None = None
         self._in: dict[int, tuple[queue.Queue[dict[str, Any] | None], threading.Thread]] = {}
-        self._out: dict[str, _OutPair] = {}
         self._aborts: list[threading.Thread] = []
-        self._closed = False
 
     # --- process groups -----------------------------------------------------------------------------
     def _new_pg(self, store: dist.Store, pair: int, rank: int, timeout_s: float) -> Any:
@@ -184,35 +177,8 @@ class _TorchDistTransport(KVTransport):
         server.reply(pair, {"seq": seq, "status": "ok"})
 
     # --- sender -------------------------------------------------------------------------------------
-    def send(self, endpoint: str, request_id: str, src_block_ids: list[int], dst_block_ids: list[int],
-             timeout_s: float) -> None:
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destinations")
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            if self._closed:
-                raise TransportError("transport is closed")
-            pair = self._out.setdefault(endpoint, _OutPair(endpoint))
-        if not pair.lock.acquire(timeout=max(timeout_s, 0.0)):
-            raise TransportError(f"timed out after {timeout_s:.3g}s waiting for other sends to {endpoint}")
-        try:
-            try:
-                self._transfer(pair, request_id, src_block_ids, dst_block_ids, deadline)
-            except TransportRejected:
-                raise
-            except Exception as e:
-                self._disconnect(pair)
-                if isinstance(e, TransportError):
-                    raise
-                raise TransportError(f"KV send of {request_id!r} to {endpoint} failed: {_first_line(e)}") from e
-        finally:
-            pair.lock.release()
-
-    def _left(self, deadline: float) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransportError("KV send timed out")
-        return left
+    def _describe(self, e: Exception) -> str:
+        return _first_line(e)
 
     def _connect(self, pair: _OutPair, deadline: float) -> None:
         pair.ctl = ctl = StoreClient(pair.endpoint, self._left(deadline))
@@ -260,12 +226,7 @@ class _TorchDistTransport(KVTransport):
             self._closed = True
             server, self._server = self._server, None
             pairs, serving = list(self._out.values()), list(self._in.values())
-        for pair in pairs:
-            if pair.lock.acquire(timeout=5.0):
-                try:
-                    self._disconnect(pair, polite=True)
-                finally:
-                    pair.lock.release()
+        self._disconnect_pairs(pairs, polite=True)
         for q, _ in serving:
             q.put(None)
         deadline = time.monotonic() + 10.0
