@@ -41,7 +41,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[list[list[int]]],
-                    out_lens: list[int], unloaded: list[list[int]], rates: list[float]) -> dict[str, Any]:
+                    out_lens: list[int], unloaded: list[list[int]], warmup: list[list[int]],
+                    rates: list[float]) -> dict[str, Any]:
     from pdserve import AsyncClient
 
     from cluster.launcher import Cluster
@@ -54,8 +55,11 @@ async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[
     cluster = await Cluster.start(config, progress=False)
     try:
         async with AsyncClient(cluster.address, timeout=args.request_timeout) as client:
-            for p in unloaded[:2]:  # warm-up, not timed
+            # Warm-up, not timed: prompts spanning the workload's lengths, alone and concurrently, so kernel
+            # compilation and first-use library choices happen before the clock starts.
+            for p in warmup:
                 await send_one(client, p, 8, 0.0, None, args.request_timeout)
+            await asyncio.gather(*(send_one(client, p, 8, 0.0, None, args.request_timeout) for p in warmup))
             singles = [await send_one(client, p, 64, 0.0, None, args.request_timeout) for p in unloaded]
             runs = []
             for rate, prompts in zip(rates, prompts_per_rate, strict=True):
@@ -84,9 +88,11 @@ async def _compare(args: argparse.Namespace) -> dict[str, Any]:
     prompts_per_rate = [random_prompts(in_lens, vocab, args.seed + 1 + 1000 * k) for k in range(len(rates))]
     mid = sorted(i for i, _ in pairs)[len(pairs) // 2]
     unloaded = random_prompts([mid] * args.unloaded_requests, vocab, args.seed + 7)
+    (ilo, ihi), _ = lengths.bounds()
+    warmup = random_prompts([ilo, (ilo + ihi) // 2, ihi, mid, ilo + 1, ihi - 1], vocab, args.seed + 9)
     results = {}
     for mode in args.modes.split(","):
-        results[mode] = await _run_mode(args, mode, prompts_per_rate, out_lens, unloaded, rates)
+        results[mode] = await _run_mode(args, mode, prompts_per_rate, out_lens, unloaded, warmup, rates)
     base_ttft = min(r["unloaded_ttft_s"] for r in results.values())
     base_tpot = min(r["unloaded_tpot_s"] for r in results.values())
     slo = {"ttft_ms": args.ttft_factor * base_ttft * 1e3, "tpot_ms": args.tpot_factor * base_tpot * 1e3}

@@ -1,0 +1,28 @@
+"""`pdserve bench compare` end to end on CPU: both modes come up, are measured and reported (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path):
+    rc = main(["bench", "compare", "--model", str(tiny_llama), "--device", "cpu", "--transport", "auto",
+               "--input-range", "20,60", "--output-range", "4,8", "--num-prompts", "6", "--request-rate", "8,inf",
+               "--unloaded-requests", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    (folder,) = list(tmp_path.glob("compare-*"))
+    result = json.loads((folder / "result.json").read_text())
+    assert (folder / "slo_attainment.png").stat().st_size > 1000
+    assert set(result["modes"]) == {"disaggregated", "colocated"}
+    assert result["slo"]["ttft_ms"] > 0 and result["slo"]["tpot_ms"] > 0
+    for data in result["modes"].values():
+        assert data["unloaded_ttft_ms"] > 0 and data["unloaded_tpot_ms"] > 0
+        assert [p["rate"] for p in data["points"]] == [8.0, "inf"]
+        assert all(p["failed"] == 0 and p["completed"] == 6 for p in data["points"])
+        assert all(0.0 <= p["slo_attainment"] <= 1.0 for p in data["points"])
