@@ -28,7 +28,7 @@ class DecodeServicer(WorkerServicerBase):
 
     async def _free_reservation(self, rid: str) -> bool:
         """Stop expecting KV for `rid` (waits out a write in progress) and give its blocks back."""
-        await asyncio.to_thread(self.transport.forget, rid)
+        await self.blocking(self.transport.forget, rid)
         return await self.loop.acall(lambda e: e.release_reservation(rid))
 
     def _expire(self, rid: str) -> None:
@@ -63,7 +63,7 @@ class DecodeServicer(WorkerServicerBase):
         t0 = time.perf_counter()
         try:
             params = sampling_from_proto(request.sampling)
-            await asyncio.to_thread(self.transport.wait_received, rid, max(0.0, lease[1] - time.monotonic()))
+            await self.blocking(self.transport.wait_received, rid, max(0.0, lease[1] - time.monotonic()))
         except ValueError as e:
             await self._free_reservation(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

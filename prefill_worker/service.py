@@ -3,7 +3,6 @@ push the prompt's KV into the decode worker's reservation, then free the blocks 
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -51,7 +50,7 @@ class PrefillServicer(WorkerServicerBase):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")
                 try:
-                    await asyncio.to_thread(self.transport.send, dest.transport_endpoint, rid, src,
+                    await self.blocking(self.transport.send, dest.transport_endpoint, rid, src,
                                             list(dest.block_ids), self.config.kv_send_timeout_s)
                 except TransportError as e:
                     await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")

@@ -134,6 +134,8 @@ class WorkerServer:
             with contextlib.suppress(Exception):
                 await self._registry.deregister(self.worker_id)
             await self._registry.aclose()
+        if self.servicer is not None:
+            self.servicer.close()
         if self.transport is not None:
             self.transport.close()
         if self.loop is not None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from pdserve.v1 import worker_pb2 as wpb
@@ -15,6 +17,8 @@ from cluster.engine.outputs import FINISH_ABORT
 from cluster.wire import logprobs_to_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop, output_queue
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +45,18 @@ class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
         self.config = config
         self.worker_id = worker_id
         self.loop = loop
+        # Blocking transport calls (a KV send, waiting for KV to land) get threads of their own: asyncio's default
+        # pool has ~cores+4 threads, so under load waits would queue behind each other and add latency.
+        self._blocking_pool = ThreadPoolExecutor(max_workers=max(32, config.max_queue),
+                                                 thread_name_prefix=f"{config.role}-kv")
+
+    def close(self) -> None:
+        """Stop the blocking-call threads (pending calls are cancelled)."""
+        self._blocking_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call (transport send / wait / forget) without holding up the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._blocking_pool, fn, *args)
 
     def load_counts(self) -> tuple[int, int, int, int]:
         """(waiting, running, free blocks, reserved blocks) for heartbeats."""
