@@ -9,27 +9,11 @@ from typing import Any
 
 import yaml
 
+from cluster.config import EngineOptions
 from cluster.worker.config import NO_TRANSPORT
 from router.config import MODES
 
 TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Engine settings every worker shares (see `cluster.config.EngineConfig`)."""
-
-    dtype: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 1.0
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = False  # mix prompt chunks into decode steps (the usual colocated setup)
-    enforce_eager: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything an engine needs besides the model's own config.json.
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """The engine's tunables, shared by every worker of a cluster (the `engine:` section of a cluster YAML).
 
     `num_kv_blocks=None` sizes the cache from `kv_cache_memory_gb` (CPU) or from free GPU memory times
     `gpu_memory_utilization` (CUDA).
     """
 
-    model: str
-    device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -28,13 +27,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = False  # mix prompt chunks into decode steps (colocated serving)
     enforce_eager: bool = False  # CUDA only: no CUDA graphs for decode
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model directory must be given")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -51,6 +45,26 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def options(self) -> dict[str, object]:
+        """The tunables alone (what `EngineConfig(model=..., **options)` takes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineOptions)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig(EngineOptions):
+    """Everything an engine needs besides the model's own config.json: the tunables plus model, device, seed."""
+
+    model: str
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("model directory must be given")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
     @property
     def torch_dtype_name(self) -> str:

@@ -98,7 +98,7 @@ class Cluster:
 
     def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
         c = self.config
-        engine = EngineConfig(model=self.model_dir, device=c.device, seed=index, **c.engine.__dict__)
+        engine = EngineConfig(model=self.model_dir, device=c.device, seed=index, **c.engine.options())
         return WorkerConfig(role=role, engine=engine, redis_url=self.redis_url, cluster_name=c.cluster_name,
                             worker_id=f"{role}-{index}", transport=c.resolved_transport(), host=host)
 

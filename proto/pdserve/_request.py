@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pdserve.errors import InternalError, InvalidArgumentError
 from pdserve.types import GenerateDelta, GenerateResult, Timing, TokenLogprobs, Usage
 from pdserve.v1 import generate_pb2 as pb
+from pdserve.v1 import generate_pb2_grpc as pb_grpc
 
 
 def build_request(
@@ -94,3 +96,17 @@ class Accumulator:
             total_s=(self.finished_at or time.perf_counter()) - self.started,
             prefill_worker=f.prefill_worker, decode_worker=f.decode_worker,
         )
+
+
+class ClientBase:
+    """What `Client` and `AsyncClient` share: the channel, the stub and the default deadline."""
+
+    def __init__(self, target: str, timeout: float | None, options: Sequence[tuple[str, Any]] | None,
+                 make_channel: Callable[..., Any]) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = make_channel(target, options=list(options or ()))
+        self._stub = pb_grpc.GenerateServiceStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout

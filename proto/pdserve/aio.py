@@ -12,11 +12,10 @@ from typing import Any
 import grpc
 
 from pdserve._health import health_modules
-from pdserve._request import Accumulator, build_request
+from pdserve._request import Accumulator, ClientBase, build_request
 from pdserve.errors import DeadlineExceededError, from_rpc_error
 from pdserve.types import GenerateDelta, GenerateResult, ServerInfo
 from pdserve.v1 import generate_pb2 as pb
-from pdserve.v1 import generate_pb2_grpc as pb_grpc
 
 
 class AsyncGenerateStream:
@@ -73,18 +72,12 @@ class AsyncGenerateStream:
             self.close()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """grpc.aio client for a pdserve router; same API as `Client`, with coroutines."""
 
     def __init__(self, target: str, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] | None = None) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=list(options or ()))
-        self._stub = pb_grpc.GenerateServiceStub(self._channel)
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+        super().__init__(target, timeout, options, grpc.aio.insecure_channel)
 
     def generate_stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float = 1.0,
                         top_k: int = -1, top_p: float = 1.0, seed: int | None = None,

@@ -11,11 +11,10 @@ from typing import Any
 import grpc
 
 from pdserve._health import health_modules
-from pdserve._request import Accumulator, build_request
+from pdserve._request import Accumulator, ClientBase, build_request
 from pdserve.errors import DeadlineExceededError, from_rpc_error
 from pdserve.types import GenerateDelta, GenerateResult, ServerInfo
 from pdserve.v1 import generate_pb2 as pb
-from pdserve.v1 import generate_pb2_grpc as pb_grpc
 
 
 class GenerateStream:
@@ -70,18 +69,12 @@ class GenerateStream:
             self.close()
 
 
-class Client:
+class Client(ClientBase):
     """Blocking client for a pdserve router. `timeout` (seconds) is the default deadline of each call."""
 
     def __init__(self, target: str, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] | None = None) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=list(options or ()))
-        self._stub = pb_grpc.GenerateServiceStub(self._channel)
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+        super().__init__(target, timeout, options, grpc.insecure_channel)
 
     def generate_stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float = 1.0,
                         top_k: int = -1, top_p: float = 1.0, seed: int | None = None,
