@@ -37,10 +37,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free)
 
-    @property
-    def num_cached_free_blocks(self) -> int:
-        return sum(1 for b in self.free if self.block_hash[b] is not None)
-
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 

@@ -68,8 +68,3 @@ class OutputProcessor:
             logprobs=[logprobs] if logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
         )
-
-    @staticmethod
-    def final_text(seq: Sequence) -> str:
-        assert seq.detokenizer is not None
-        return seq.detokenizer.text[: seq.text_emitted]

@@ -55,9 +55,6 @@ class EngineLoop:
         """Deliver the request's outputs to `callback` (on the engine thread) until one is finished."""
         self._watchers[request_id] = callback
 
-    def unwatch(self, request_id: str) -> None:
-        self._watchers.pop(request_id, None)
-
     def abort(self, request_id: str) -> Future[bool]:
         """Abort the request in the engine; a watcher gets a final output with finish reason "abort"."""
 
