@@ -40,6 +40,7 @@ class ClusterConfig:
     policy: str = "least_loaded"
     max_queue: int = 1024
     reserve_lease_ms: int = 30_000
+    kv_stream_layers: bool = True  # prefill workers stream KV layer by layer during the forward
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     cpus_per_worker: float = 1.0
     engine: EngineOptions = field(default_factory=EngineOptions)

@@ -100,7 +100,8 @@ class Cluster:
         c = self.config
         engine = EngineConfig(model=self.model_dir, device=c.device, seed=index, **c.engine.options())
         return WorkerConfig(role=role, engine=engine, redis_url=self.redis_url, cluster_name=c.cluster_name,
-                            worker_id=f"{role}-{index}", transport=c.resolved_transport(), host=host)
+                            worker_id=f"{role}-{index}", transport=c.resolved_transport(), host=host,
+                            kv_stream_layers=c.kv_stream_layers)
 
     def _worker_hosts(self, n: int) -> list[str]:
         """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in

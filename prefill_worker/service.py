@@ -1,5 +1,9 @@
 """The prefill role: run prompts (batched by the engine with other requests), sample the first token,
-push the prompt's KV into the decode worker's reservation, then free the blocks here."""
+push the prompt's KV into the decode worker's reservation, then free the blocks here.
+
+By default the KV streams out layer by layer during the forward that completes the prompt (the engine
+calls the transport's send stream after each layer), so only the last chunk and the receiver's answer
+remain once the prefill ends."""
 
 from __future__ import annotations
 
@@ -32,16 +36,29 @@ class PrefillServicer(WorkerServicerBase):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
         tokens = list(request.token_ids)
+        stream = None
+        if self.config.kv_stream_layers and dest.block_ids:  # layer by layer, while the prefill runs
+            try:
+                stream = await self.blocking(self.transport.open_send, dest.transport_endpoint, rid,
+                                             list(dest.block_ids), self.config.kv_send_timeout_s)
+            except TransportError as e:
+                await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")
+
+        def add(engine):
+            engine.add_request(rid, tokens, params, prefill_only=True)
+            if stream is not None:
+                engine.stream_kv(rid, stream)
+
         t_submit = time.perf_counter()
         first = None
-        async for timed in self.run_request(rid, lambda e: e.add_request(rid, tokens, params, prefill_only=True),
-                                            context):
-            first = timed
-        assert first is not None
-        out = first.output
-        t_done = time.perf_counter()
-        handoff_ms = 0.0
+        delivered = False
         try:
+            async for timed in self.run_request(rid, add, context):
+                first = timed
+            assert first is not None
+            out = first.output
+            t_done = time.perf_counter()
+            handoff_ms = 0.0
             if out.finish_reason == FINISH_PREFILLED:
                 if len(dest.block_ids) == 0:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no KV destination blocks given")
@@ -50,12 +67,18 @@ class PrefillServicer(WorkerServicerBase):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")
                 try:
-                    await self.blocking(self.transport.send, dest.transport_endpoint, rid, src,
+                    if stream is not None:
+                        delivered = True  # finish() ends the stream either way
+                        await self.blocking(stream.finish, src)
+                    else:
+                        await self.blocking(self.transport.send, dest.transport_endpoint, rid, src,
                                             list(dest.block_ids), self.config.kv_send_timeout_s)
                 except TransportError as e:
                     await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")
-                handoff_ms = (time.perf_counter() - t_done) * 1e3
+                handoff_ms = (time.perf_counter() - t_done) * 1e3  # what the prefill did not hide
         finally:
+            if stream is not None and not delivered:  # cancelled, failed, or the first token ended it
+                self.submit_blocking(stream.abort)
             self.loop.call(lambda e: e.release_prefilled(rid))
         token = out.new_token_ids[0]
         ended = out.finish_reason != FINISH_PREFILLED  # else the decode worker owns all the text

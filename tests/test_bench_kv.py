@@ -53,7 +53,8 @@ def test_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = str(tmp_path)
     for argv, message in ((["--shape", "llama-9000"], "unknown shape"), (["--model", out], "not a model directory"),
                           (["--shape", "tiny", "--transport", "nccl"], "--device cuda"),
-                          (["--shape", "tiny", "--prompt-len", "0"], "--prompt-len")):
+                          (["--shape", "tiny", "--prompt-len", "0"], "--prompt-len"),
+                          (["--shape", "tiny", "--prefill"], "--prefill runs the model")):
         assert main(["bench", "kv", *argv, "--out", out]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --model and --shape exclude each other
@@ -117,3 +118,18 @@ def test_bench_kv_from_config_json_and_failed_sends(tmp_path: Path):
     (row,) = r["results"]
     assert "timed out" in row["error"] and r["problems"] and "handoff_ms" not in row
     assert r["raw"][0]["median_ms"] > 0  # the raw reference ran regardless
+
+
+@pytest.mark.timeout(180)
+def test_bench_kv_prefill_cpu(tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]):
+    """--prefill runs the real engine on the sender: prefill alone, streamed and bulk, interleaved."""
+    rc = main(["bench", "kv", "--model", str(tiny_llama), "--prefill", "--prompt-len", "40", "--transport", "gloo",
+               "--dtype", "float32", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "TTFT: prefill alone" in capsys.readouterr().out
+    r = _result(tmp_path)
+    (row,) = r["prefill"]
+    assert (row["transport"], row["prompt_len"], row["repeats"]) == ("gloo", 40, 2)
+    assert min(row["prefill_ms"], row["streamed_ms"], row["bulk_ms"]) > 0
+    assert {k: len(v) for k, v in row["times_ms"].items()} == {"alone": 2, "streamed": 2, "bulk": 2}
+    assert row["exposed_streamed_ms"] == pytest.approx(row["streamed_ms"] - row["prefill_ms"])

@@ -85,3 +85,54 @@ def test_reservation_errors(tiny_llama):
         engine.add_prefilled_request("ok", [1] * 40, 3, SamplingParams())
     engine.check_block_accounting()
     assert engine.stats().num_free_blocks == 8
+
+
+class LayerCopier:
+    """A KV sink that copies each layer into the decode engine's reserved blocks the moment the prefill
+    reports it ready: any layer reported before its KV is final would corrupt the decode."""
+
+    def __init__(self, prefill: LLMEngine, decode: LLMEngine, dst: list[int]) -> None:
+        self.prefill, self.decode, self.dst = prefill, decode, dst
+        self.calls: list[int] = []
+
+    def layers_ready(self, src_block_ids: list[int], upto: int) -> None:
+        lo = self.calls[-1] if self.calls else 0
+        self.calls.append(upto)
+        data = self.prefill.kv_layout.gather(self.prefill.kv_cache, src_block_ids, (lo, upto))
+        self.decode.kv_layout.scatter(self.decode.kv_cache, self.dst, data, (lo, upto))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_layer_streamed_split_matches_generate(tiny_llama, chunked):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(tiny_llama), num_kv_blocks=256)
+    prompts = ragged_prompts(llm.tokenizer.vocab_size, n=4)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    limits = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16} if chunked else {}
+    prefill = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=128, **limits))
+    decode = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=200))
+    sinks = {}
+    for i, p in enumerate(prompts):
+        rid = f"q{i}"
+        dst = decode.reserve(rid, len(p))
+        sinks[rid] = LayerCopier(prefill, decode, dst)
+        prefill.add_request(rid, p, params, prefill_only=True)
+        prefill.stream_kv(rid, sinks[rid])
+    first = {}
+    while prefill.has_unfinished():
+        for out in prefill.step():
+            first[out.request_id] = out.new_token_ids[0]
+    layers = prefill.spec.num_layers
+    results = {}
+    for i, p in enumerate(prompts):
+        rid = f"q{i}"
+        assert sinks[rid].calls == list(range(1, layers + 1))  # once per layer, only in the last chunk
+        prefill.release_prefilled(rid)
+        decode.add_prefilled_request(rid, p, first[rid], params)
+        results[rid] = [first[rid]]
+    while decode.has_unfinished():
+        for out in decode.step():
+            results[out.request_id].extend(out.new_token_ids)
+    assert [results[f"q{i}"] for i in range(len(prompts))] == expected
+    prefill.check_block_accounting()
+    decode.check_block_accounting()

@@ -74,16 +74,20 @@ def _peer(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, kw: 
 
 
 def _half_send(transport: Any, endpoint: str, rid: str, dst: list[int], timeout_s: float) -> Any:
-    """torch_dist only: pair and announce a transfer, then never send the data (a sender that hangs or
-    dies between header and data). Uses the wire protocol's internals on purpose."""
-    from cluster.transport._store_ctl import StoreClient
+    """torch_dist only: pair and announce a transfer and its first chunk, then never send the data (a sender
+    that hangs or dies between header and data). Uses the wire protocol's internals on purpose."""
+    from cluster.transport._sock_ctl import CtlConn
+    from cluster.transport.base import parse_endpoint
 
-    ctl = StoreClient(endpoint, timeout_s)
-    ctl.push({"op": "pair", "timeout": timeout_s}, timeout_s)
-    pg = transport._new_pg(ctl.store.clone(), ctl.pair, 0, timeout_s)
-    shape = list(transport.layout.cache_shape(len(dst)))
-    ctl.push({"op": "kv", "seq": 1, "rid": rid, "dst": dst, "dtype": str(transport.layout.dtype), "shape": shape,
-              "timeout": timeout_s}, timeout_s)
+    ctl = CtlConn.connect(endpoint, timeout_s)
+    ctl.send({"op": "pair", "timeout": timeout_s})
+    meta = ctl.recv(timeout_s)
+    pg = transport._join(parse_endpoint(endpoint)[0], meta["store_port"], meta["pair"], 0, timeout_s)
+    lay = transport.layout
+    ctl.send({"op": "begin", "seq": 1, "rid": rid, "dst": dst, "dtype": str(lay.dtype),
+              "block": [lay.block_size, lay.num_kv_heads, lay.head_dim], "timeout": timeout_s})
+    ctl.send({"op": "chunk", "seq": 1, "lo": 0, "hi": lay.num_layers,
+              "numel": lay.num_layers * 2 * len(dst) * lay.block_size * lay.num_kv_heads * lay.head_dim})
     return ctl, pg
 
 
@@ -262,8 +266,8 @@ def _stalled_scenario(name: str, device: tuple[str, str] = ("cpu", "cpu")) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", CPU_TRANSPORTS)
 def test_transport_cpu(name: str, dtype: torch.dtype) -> None:
-    # grpc: odd-sized chunks, so every transfer streams several chunks that split elements
-    _scenario(name, dtype, **({"chunk_bytes": 1001} if name == "grpc" else {}))
+    # grpc: odd-sized chunks split elements; gloo: one layer per chunk (the chunked protocol of nccl too)
+    _scenario(name, dtype, chunk_bytes=1001 if name == "grpc" else 1)
 
 
 @pytest.mark.timeout(60)
@@ -278,7 +282,7 @@ def test_stalled_receiver_cpu(name: str) -> None:
 @pytest.mark.parametrize("name", ["nccl", "cuda_ipc", "gloo"])
 def test_transport_two_gpus(name: str) -> None:
     """Receiver on cuda:0, both senders on cuda:1 (NCCL cannot put two ranks of one pair on one GPU)."""
-    _scenario(name, torch.bfloat16, ("cuda:0", "cuda:1", "cuda:1"))
+    _scenario(name, torch.bfloat16, ("cuda:0", "cuda:1", "cuda:1"), chunk_bytes=1)  # a chunk per layer
     _stalled_scenario(name, ("cuda:0", "cuda:1"))
 
 

@@ -87,7 +87,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def _kv_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model directory (only config.json is read; no weights)")
+    src.add_argument("--model", help="model directory (config.json; the weights only with --prefill)")
     src.add_argument("--shape", help="named shape of `pdserve make-model`, e.g. llama-3.1-8b (arch from the shape)")
     p.add_argument("--prompt-len", default="2048", help="tokens per handoff, or a list: 512,2048,8192")
     p.add_argument("--transport", help="nccl, cuda_ipc, gloo, grpc or a list (default: gloo,grpc on CPU, "
@@ -103,6 +103,9 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--send-timeout", type=float, default=300.0, help="seconds per send")
     p.add_argument("--deadline", type=float, default=1200.0, help="seconds for the whole run before giving up")
+    p.add_argument("--prefill", action="store_true",
+                   help="also time each prompt's prefill on the sender (--model with weights): alone, with the KV "
+                        "streamed layer by layer, and with one send after it")
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,8 @@ import queue
 import time
 from typing import Any
 
+from cluster.bench.kv_prefill import print_prefill_table
+from cluster.bench.kv_prefill import summarize as summarize_prefill
 from cluster.bench.kv_worker import Plan, worker
 from cluster.bench.metrics import percentile
 from cluster.bench.report import device_name, metadata, run_dir, spec_summary, write_json
@@ -193,6 +195,8 @@ def run_kv_bench(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.shape is None):
         raise ValueError("give exactly one of --model DIR and --shape NAME")
+    if args.prefill and args.model is None:
+        raise ValueError("--prefill runs the model: give --model DIR with its weights")
     if min(args.repeats, args.block_size, args.min_repeats) < 1 or args.warmup < 0 or args.case_budget_s <= 0:
         raise ValueError("--repeats, --min-repeats and --block-size must be >= 1, --warmup >= 0, budget > 0")
     prompt_lens = parse_ints(str(args.prompt_len), "--prompt-len")
@@ -206,13 +210,15 @@ def run_kv_bench(args: argparse.Namespace) -> int:
     plan = Plan(layout=layout, num_blocks=num_blocks, devices=devices, raw_backend=raw_backend,
                 transports=tuple(transports), prompt_lens=tuple(prompt_lens), warmup=args.warmup,
                 repeats=args.repeats, min_repeats=args.min_repeats, case_budget_s=args.case_budget_s,
-                send_timeout_s=args.send_timeout, seed=args.seed)
+                send_timeout_s=args.send_timeout, seed=args.seed,
+                prefill_model=str(args.model) if args.prefill else None)
     meta = metadata("kv", args, args.device, args.model)
     t0 = time.perf_counter()
     out = _spawn(plan, args.deadline)
     wall = time.perf_counter() - t0
     raw_rows, rows = summarize_rows(out, layout)
-    problems = [f"{r['transport']} @ {r['prompt_len']}: {r['error']}" for r in rows if "error" in r]
+    prefill = summarize_prefill(out["prefill"])
+    problems = [f"{r['transport']} @ {r['prompt_len']}: {r['error']}" for r in rows + prefill if "error" in r]
     result = {
         **meta, "model": model, "dtype": args.dtype,
         "layout": {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
@@ -222,12 +228,14 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                     "names": [device_name(d) for d in devices]},
         "raw_backend": raw_backend,
         "raw_method": "one contiguous tensor sender->receiver + 1-element ack back, same processes/devices",
-        "wall_s": wall, "raw": raw_rows, "results": rows, "problems": problems,
+        "wall_s": wall, "raw": raw_rows, "results": rows, "prefill": prefill, "problems": problems,
     }
     path = write_json(run_dir(args.out, "kv") / "result.json", result)
     print(f"KV handoff {devices[0]} -> {devices[1]}, {args.dtype}, {layout.bytes_per_block / 2**20:.3f} MiB/block "
           f"({spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim}, block {args.block_size})")
     print_table(rows, raw_backend)
+    if prefill:
+        print_prefill_table(prefill)
     print(f"wrote {path} ({wall:.1f}s)")
     for p in problems:
         print(f"problem: {p}")

@@ -44,6 +44,7 @@ class Plan:
     case_budget_s: float
     send_timeout_s: float
     seed: int
+    prefill_model: str | None = None  # with weights: also time prefill alone / streamed / bulk (kv_prefill)
 
 
 def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_repeats: int,
@@ -100,11 +101,16 @@ def worker(rank: int, plan: Plan, conn: Any, results: Any) -> None:
         device = torch.device(plan.devices[rank])
         if device.type == "cuda":
             torch.cuda.set_device(device)  # by index: both processes see every GPU (cuda_ipc needs that)
-        cache = plan.layout.allocate(plan.num_blocks, device)
+        engine = None
+        if rank == 0 and plan.prefill_model is not None:
+            from cluster.bench.kv_prefill import build_engine
+
+            engine = build_engine(plan, device)
+        cache = plan.layout.allocate(plan.num_blocks, device) if engine is None else engine.kv_cache
         if rank == 0:
             g = torch.Generator(device=device).manual_seed(plan.seed)
             cache.normal_(generator=g)
-            results.put(("result", Sender(plan, cache, conn).run()))
+            results.put(("result", Sender(plan, cache, conn).run(engine)))
         else:
             Receiver(plan, cache, conn).serve()
             results.put(("done", None))
@@ -212,7 +218,7 @@ class Sender:
             raise RuntimeError(f"receiver, {msg[0]}: {value}")
         return value
 
-    def run(self) -> dict[str, Any]:
+    def run(self, engine: Any = None) -> dict[str, Any]:
         store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timedelta(seconds=60), wait_for_workers=False)
         self.conn.send(("init", store.port))
         _init_group(self.plan, 0, store, self.device)
@@ -222,8 +228,13 @@ class Sender:
         rows = []
         for name in self.plan.transports:
             rows += self._transport_cases(name)
+        prefill: list[dict[str, Any]] = []
+        if engine is not None:
+            from cluster.bench.kv_prefill import prefill_rows
+
+            prefill = prefill_rows(self, engine)
         self.ask("exit")
-        return {"raw": raw, "rows": rows}
+        return {"raw": raw, "rows": rows, "prefill": prefill}
 
     def _timed(self, once: Callable[[int], float]) -> tuple[list[float], int, bool]:
         p = self.plan

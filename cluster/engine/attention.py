@@ -8,7 +8,7 @@ CUDA graph (sequence lengths and block tables are read from device tensors).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -46,16 +46,19 @@ class AttentionMetadata:
 class ForwardContext:
     metadata: AttentionMetadata
     kv_cache: torch.Tensor  # [L, 2, num_blocks, block_size, Hkv, D]
+    on_layer_kv: Callable[[int], None] | None = None  # called once layer i's KV writes are enqueued
 
 
 _CONTEXT: ForwardContext | None = None
 
 
 @contextmanager
-def forward_context(metadata: AttentionMetadata, kv_cache: torch.Tensor) -> Iterator[None]:
-    """Make `metadata` and `kv_cache` visible to every attention layer during one forward."""
+def forward_context(metadata: AttentionMetadata, kv_cache: torch.Tensor,
+                    on_layer_kv: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Make `metadata` and `kv_cache` visible to every attention layer during one forward; `on_layer_kv(i)`
+    runs right after layer i enqueued its KV-cache writes (a prefill streams its KV out from there)."""
     global _CONTEXT
-    prev, _CONTEXT = _CONTEXT, ForwardContext(metadata, kv_cache)
+    prev, _CONTEXT = _CONTEXT, ForwardContext(metadata, kv_cache, on_layer_kv)
     try:
         yield
     finally:
@@ -74,14 +77,18 @@ def attention_from_qkv(qkv: torch.Tensor, positions: torch.Tensor, rotary: Rotar
     meta = ctx.metadata
     k_cache, v_cache = ctx.kv_cache[layer, 0], ctx.kv_cache[layer, 1]  # [N, bs, Hkv, D]
     if qkv.is_cuda:
-        return _cuda_attention(qkv, positions, rotary, meta, k_cache, v_cache, num_heads, num_kv_heads, head_dim,
-                               scale).view(qkv.shape[0], -1)
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    q = q.view(-1, num_heads, head_dim)
-    k = k.view(-1, num_kv_heads, head_dim)
-    v = v.view(-1, num_kv_heads, head_dim)
-    q, k = rotary(positions, q, k)
-    return attention(q, k, v, k_cache, v_cache, meta, scale).reshape(qkv.shape[0], -1)
+        out = _cuda_attention(qkv, positions, rotary, meta, k_cache, v_cache, num_heads, num_kv_heads, head_dim,
+                              scale).view(qkv.shape[0], -1)
+    else:
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q = q.view(-1, num_heads, head_dim)
+        k = k.view(-1, num_kv_heads, head_dim)
+        v = v.view(-1, num_kv_heads, head_dim)
+        q, k = rotary(positions, q, k)
+        out = attention(q, k, v, k_cache, v_cache, meta, scale).reshape(qkv.shape[0], -1)
+    if ctx.on_layer_kv is not None:
+        ctx.on_layer_kv(layer)
+    return out
 
 
 def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, meta: AttentionMetadata,

@@ -3,7 +3,8 @@
 The cache of one engine is a single tensor of shape
     [num_layers, 2 (key, value), num_blocks, block_size, num_kv_heads, head_dim]
 A request's KV is the set of its block ids; moving it between engines means gathering
-`cache[:, :, block_ids]` (optionally one layer at a time) and scattering into the receiver's ids.
+`cache[:, :, block_ids]` (optionally a range of layers at a time, as a prefill produces them) and
+scattering into the receiver's ids.
 """
 
 from __future__ import annotations
@@ -41,18 +42,23 @@ class KVLayout:
     def allocate(self, num_blocks: int, device: torch.device | str) -> torch.Tensor:
         return torch.zeros(self.cache_shape(num_blocks), dtype=self.dtype, device=device)
 
-    def gather(self, cache: torch.Tensor, block_ids: list[int], layer: int | None = None) -> torch.Tensor:
-        """Copy the given blocks into one contiguous tensor ([L,2,n,...] or [2,n,...] for one layer)."""
-        idx = torch.as_tensor(block_ids, dtype=torch.long, device=cache.device)
-        src = cache if layer is None else cache[layer]
-        return src.index_select(-4, idx).contiguous()
+    def bytes_per_layer(self, num_blocks: int) -> int:
+        """Bytes of one layer's key and value for `num_blocks` blocks."""
+        return self.bytes_per_block // self.num_layers * num_blocks
 
-    def scatter(self, cache: torch.Tensor, block_ids: list[int], data: torch.Tensor,
-                layer: int | None = None) -> None:
-        """Write a tensor produced by `gather` into the given blocks of `cache`."""
+    def gather(self, cache: torch.Tensor, block_ids: list[int] | torch.Tensor,
+               layers: tuple[int, int] | None = None) -> torch.Tensor:
+        """Copy the given blocks into one contiguous tensor [L, 2, n, ...] (layers lo..hi only if given)."""
         idx = torch.as_tensor(block_ids, dtype=torch.long, device=cache.device)
-        dst = cache if layer is None else cache[layer]
-        expected = dst.shape[:-4] + (len(block_ids),) + dst.shape[-3:]
+        src = cache if layers is None else cache[layers[0]:layers[1]]
+        return src.index_select(2, idx).contiguous()
+
+    def scatter(self, cache: torch.Tensor, block_ids: list[int] | torch.Tensor, data: torch.Tensor,
+                layers: tuple[int, int] | None = None) -> None:
+        """Write a tensor produced by `gather` (with the same `layers`) into the given blocks of `cache`."""
+        idx = torch.as_tensor(block_ids, dtype=torch.long, device=cache.device)
+        dst = cache if layers is None else cache[layers[0]:layers[1]]
+        expected = dst.shape[:2] + (len(idx),) + dst.shape[3:]
         if tuple(data.shape) != tuple(expected):
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {tuple(expected)}")
-        dst.index_copy_(-4, idx, data.to(device=cache.device, dtype=cache.dtype))
+        dst.index_copy_(2, idx, data.to(device=cache.device, dtype=cache.dtype))

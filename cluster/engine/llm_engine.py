@@ -9,7 +9,9 @@ Besides plain generation it offers the split that disaggregation needs:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -20,10 +22,16 @@ from cluster.engine.model_runner import ModelRunner
 from cluster.engine.models.loader import build_model, read_model_spec
 from cluster.engine.output_processor import OutputProcessor
 from cluster.engine.outputs import FINISH_ABORT, StepOutput
-from cluster.engine.scheduler import Scheduler, SchedulerLimits
+from cluster.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from cluster.engine.sequence import Sequence
 from cluster.sampling_params import SamplingParams
 from cluster.tokenizer import TextTokenizer
+
+
+class LayerSink(Protocol):
+    """Receives a prefill's KV layer by layer (a KV transport's send stream)."""
+
+    def layers_ready(self, src_block_ids: list[int], upto: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._prefilled: dict[str, Sequence] = {}
         self._reservations: dict[str, list[int]] = {}
+        self._kv_sinks: dict[str, LayerSink] = {}
         self._seed_rng = random.Random(config.seed)
 
     def _num_blocks(self) -> int:
@@ -113,6 +122,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. Returns False if the id is unknown."""
         found = self.release_prefilled(request_id) | self.release_reservation(request_id)
+        self._kv_sinks.pop(request_id, None)
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
             self.scheduler.remove(seq)
@@ -121,6 +131,14 @@ class LLMEngine:
         return found
 
     # ---- prefill role ------------------------------------------------------------------------------
+    def stream_kv(self, request_id: str, sink: LayerSink) -> None:
+        """Hand a prefill-only request's KV to `sink` layer by layer during the forward that completes its
+        prompt (`sink.layers_ready(blocks, i + 1)` right after layer i); the caller ends the sink's transfer."""
+        seq = self._seqs.get(request_id)
+        if seq is None or not seq.prefill_only:
+            raise ValueError(f"no prefill-only request {request_id!r} to stream KV from")
+        self._kv_sinks[request_id] = sink
+
     def prefilled_blocks(self, request_id: str) -> tuple[list[int], int]:
         """Block ids and token count of a finished prefill-only request's KV."""
         seq = self._prefilled[request_id]
@@ -184,7 +202,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        result = self.runner.run(batch)
+        result = self.runner.run(batch, self._layer_hook(batch))
         outs: list[StepOutput] = []
         for seq, n, token, logprobs in zip(batch.seqs, batch.num_tokens, result.token_ids, result.logprobs,
                                            strict=True):
@@ -198,7 +216,23 @@ class LLMEngine:
             outs.append(out)
         return outs
 
+    def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """For the requests whose prompt this batch completes and whose KV streams out: the per-layer call."""
+        if not self._kv_sinks or not batch.is_prefill:
+            return None
+        sinks = [(seq.block_table, self._kv_sinks[seq.request_id]) for seq, n in zip(batch.seqs, batch.num_tokens,
+                 strict=True) if seq.request_id in self._kv_sinks and seq.num_computed_tokens + n >= len(seq)]
+        if not sinks:
+            return None
+
+        def on_layer(layer: int) -> None:
+            for blocks, sink in sinks:
+                sink.layers_ready(blocks, layer + 1)
+
+        return on_layer
+
     def _finish(self, seq: Sequence) -> None:
+        self._kv_sinks.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
         if seq.prefill_only and seq.finish_reason is not None and seq.finish_reason != FINISH_ABORT:
             self.scheduler.running.remove(seq)

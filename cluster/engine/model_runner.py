@@ -6,6 +6,7 @@ Policy (who runs) stays in the scheduler; this file only turns sequences into te
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -108,13 +109,14 @@ class ModelRunner:
                             sampling=sampling)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> ModelOutput:
+    def run(self, batch: ScheduledBatch, on_layer_kv: Callable[[int], None] | None = None) -> ModelOutput:
+        """Forward and sample one batch; `on_layer_kv(i)` (prefill only) runs once layer i's KV is enqueued."""
         fb = self.prepare(batch)
         if self.graphs is not None and not batch.is_prefill and len(batch.seqs) <= self.graphs.sizes[-1]:
             a = fb.attn
             logits = self.graphs.run(fb.input_ids, fb.positions, a.slot_mapping, a.context_lens, a.block_tables)
         else:
-            with forward_context(fb.attn, self.kv_cache):
+            with forward_context(fb.attn, self.kv_cache, on_layer_kv):
                 hidden = self.model(fb.input_ids, fb.positions)
             logits = self.model.compute_logits(hidden[fb.logits_indices])
         tokens = sample(logits, fb.sampling)

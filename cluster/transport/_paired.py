@@ -1,10 +1,13 @@
-"""Sender side shared by the store-controlled transports ("gloo"/"nccl", "cuda_ipc"): one pair per endpoint.
+"""Sender side shared by the socket-controlled transports ("gloo"/"nccl", "cuda_ipc").
 
-A sender keeps one `OutPair` (control connection plus transport state) per receiver endpoint and runs
-one transfer at a time on it. `PairedTransport.send` checks the arguments, finds or makes the pair, takes
-its lock within the timeout and maps failures: those in `_keep_pair_on` leave the pair as it is (it is
-still in step with the receiver); any other drops it (`_disconnect`, the next send pairs afresh) and
-reaches the caller as a `TransportError`.
+A sender keeps one `OutPair` per receiver endpoint. The pair's `Link` is one live connection (control
+socket plus transport state: a process group, a mapped peer cache); any failure other than a rejection
+drops the link as a whole and the next send connects afresh. Several handoffs may be under way on one
+link at once (a prefill batch streams many requests layer by layer): each has its own sequence number,
+and `OutPair.lock` keeps every control message and the data that follows it in one order on both sides.
+
+A handoff is a `PairedSendStream`: layers go out in chunks of about `CHUNK_BYTES` as they become ready
+(`layers_ready`), or all at `finish`; `send()` is `open_send(...).finish(src)`.
 """
 
 from __future__ import annotations
@@ -18,66 +21,237 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._store_ctl import StoreClient
-from cluster.transport.base import KVTransport, TransportError, TransportRejected
+from cluster.transport._sock_ctl import CtlConn
+from cluster.transport.base import KVSendStream, KVTransport, TransportError, TransportRejected
+
+CHUNK_BYTES = 32 << 20  # big enough for full link speed, small enough to pipeline and to stream per layers
+
+
+def wait_stream(stream: torch.cuda.Stream, deadline: float) -> None:
+    """Block until the work enqueued on `stream` so far is done; TransportError at `deadline`."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise TransportError("KV data did not arrive in time")
+        time.sleep(2e-5)
+
+
+@dataclass(eq=False)
+class Link:
+    """One connection to a receiver. Replies arrive by sequence number; whoever waits reads for everyone."""
+
+    ctl: CtlConn
+    seq: int = 0
+    broken: str | None = None
+    cv: threading.Condition = field(default_factory=threading.Condition)
+    replies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    reading: bool = False
+
+    def await_reply(self, seq: int, deadline: float) -> dict[str, Any]:
+        """The receiver's reply to `seq`; TransportError on timeout or when the link broke."""
+        while True:
+            with self.cv:
+                while not (seq in self.replies or self.broken or not self.reading):
+                    if not self.cv.wait(deadline - time.monotonic()):
+                        raise TransportError("KV receiver did not answer in time")
+                if seq in self.replies:
+                    return self.replies.pop(seq)
+                if self.broken:
+                    raise TransportError(self.broken)
+                self.reading = True
+            try:
+                msg = self.ctl.recv(deadline - time.monotonic())
+            except TimeoutError:
+                raise TransportError("KV receiver did not answer in time") from None
+            finally:
+                with self.cv:
+                    self.reading = False
+                    self.cv.notify_all()
+            with self.cv:
+                self.replies[int(msg.get("seq", -1))] = msg
+
+    def mark_broken(self, why: str) -> None:
+        with self.cv:
+            self.broken = self.broken or why
+            self.cv.notify_all()
+        self.ctl.close()
 
 
 @dataclass
 class OutPair:
-    """Sender-side state of one receiver endpoint; `lock` serialises transfers on it."""
+    """Sender-side state of one receiver endpoint; `lock` orders messages (and their data) on the link."""
 
     endpoint: str
     lock: threading.Lock = field(default_factory=threading.Lock)
-    ctl: StoreClient | None = None
-    seq: int = 0
+    link: Any = None
+
+
+class PairedSendStream(KVSendStream):
+    """A handoff over a `Link`: subclasses move the chunks (`_send_layers`) and end the transfer (`_complete`)."""
+
+    def __init__(self, transport: PairedTransport, pair: OutPair, link: Link, seq: int, rid: str, dst: list[int],
+                 timeout_s: float) -> None:
+        self.t, self.pair, self.link, self.seq, self.rid, self.dst = transport, pair, link, seq, rid, dst
+        self.layout: KVLayout = transport.layout
+        self.timeout_s = timeout_s
+        self.deadline: float | None = None  # starts with the first layers: a prefill may queue before
+        self.sent = 0  # layers sent so far
+        self.started = False
+        self.error: BaseException | None = None
+        self.done = False
+        self.chunk_layers = max(1, transport.chunk_bytes // max(self.layout.bytes_per_layer(len(dst)), 1))
+
+    def left(self) -> float:
+        assert self.deadline is not None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TransportError("KV send timed out")
+        return left
+
+    @abstractmethod
+    def _begin(self) -> None:
+        """Announce the transfer to the receiver (before any layer). Caller holds pair.lock."""
+
+    @abstractmethod
+    def _send_layers(self, src: list[int], lo: int, hi: int) -> None:
+        """Move layers [lo, hi) of blocks `src` (never called for an empty transfer). Caller holds pair.lock."""
+
+    @abstractmethod
+    def _complete(self) -> None:
+        """All layers are out: wait until the receiver holds them; raise if it does not."""
+
+    @abstractmethod
+    def _abort(self) -> None:
+        """Tell the receiver to drop what came (only called once the transfer was announced)."""
+
+    def _locked(self, fn: Any, *args: Any) -> None:
+        if not self.pair.lock.acquire(timeout=self.left()):
+            raise TransportError("timed out waiting for other sends on this link")
+        try:
+            if self.link.broken:
+                raise TransportError(self.link.broken)
+            fn(*args)
+        finally:
+            self.pair.lock.release()
+
+    def _advance(self, src: list[int], upto: int, final: bool) -> None:
+        if len(src) != len(self.dst):
+            raise TransportRejected(f"{len(src)} source blocks but {len(self.dst)} destinations")
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+        if not self.started:
+            self._locked(self._begin)
+            self.started = True
+        if not self.dst:
+            self.sent = upto
+        while self.sent < upto and (final or upto - self.sent >= self.chunk_layers):
+            hi = min(self.sent + self.chunk_layers, upto)
+            self._locked(self._send_layers, src, self.sent, hi)
+            self.sent = hi
+
+    def _fail(self, e: BaseException) -> BaseException:
+        """Drop the link unless the receiver merely rejected; return the error for the caller."""
+        if isinstance(e, TransportRejected):
+            return e
+        self.t._drop(self.pair, self.link, f"{type(e).__name__}: {e}")
+        if isinstance(e, TransportError):
+            return e
+        return TransportError(f"KV send of {self.rid!r} to {self.pair.endpoint} failed: {self.t._describe(e)}")
+
+    def layers_ready(self, src_block_ids: list[int], upto: int) -> None:
+        if self.error is not None or self.done or not self.t.streams_layers:
+            return
+        try:
+            self._advance(src_block_ids, upto, final=upto >= self.layout.num_layers)
+        except BaseException as e:  # kept for finish(): the model thread must not fail
+            self.error = self._fail(e)
+
+    def finish(self, src_block_ids: list[int]) -> None:
+        if self.done:
+            raise RuntimeError("finish() or abort() was already called")
+        self.done = True
+        if self.error is not None:
+            raise self.error
+        try:
+            self._advance(src_block_ids, self.layout.num_layers, final=True)
+            self._complete()
+        except BaseException as e:
+            raise self._fail(e) from e
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.started and self.error is None:
+            try:
+                self._abort()
+            except BaseException as e:
+                self._fail(e)
 
 
 class PairedTransport(KVTransport):
-    """A transport whose sender runs its transfers over one `OutPair` per receiver endpoint."""
+    """A transport whose sender runs its handoffs over one `Link` per receiver endpoint."""
 
-    _pair_type: ClassVar[type[OutPair]] = OutPair  # what a new endpoint's pair is made of
-    _keep_pair_on: ClassVar[type[TransportError]] = TransportRejected  # failures that leave the pair usable
+    _stream_type: ClassVar[type[PairedSendStream]]
+    streams_layers: ClassVar[bool] = True  # False: the data moves synchronously, so all of it at finish()
 
-    def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         super().__init__(layout, cache, host=host)
+        self.chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
-        self._out: dict[str, Any] = {}  # endpoint -> its `_pair_type`
+        self._out: dict[str, OutPair] = {}
         self._closed = False
 
     @abstractmethod
-    def _transfer(self, pair: Any, rid: str, src: list[int], dst: list[int], deadline: float) -> None:
-        """Move the blocks over `pair` (connecting it first if needed), by `deadline`. Caller holds pair.lock."""
+    def _connect(self, endpoint: str, deadline: float) -> Link:
+        """A new, paired link to the receiver at `endpoint`, by `deadline`."""
 
-    @abstractmethod
-    def _disconnect(self, pair: Any) -> None:
-        """Drop a (possibly broken) pair's connection. Caller holds pair.lock."""
+    def _close_link(self, link: Link, polite: bool) -> None:
+        """Release the link's transport state; `polite` (clean close) may tell the receiver first."""
+        link.ctl.close()
 
-    def _describe(self, e: Exception) -> str:
+    def _describe(self, e: BaseException) -> str:
         """How an unexpected failure is worded in the TransportError that replaces it."""
         return str(e)
+
+    def _drop(self, pair: OutPair, link: Link, why: str) -> None:
+        """Forget a broken link; streams still on it fail, the next send connects afresh."""
+        if pair.link is link:
+            pair.link = None
+        if link.broken is None:
+            link.mark_broken(why)
+            self._close_link(link, polite=False)
+
+    def open_send(self, endpoint: str, request_id: str, dst_block_ids: list[int], timeout_s: float) -> KVSendStream:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            if self._closed:
+                raise TransportError("transport is closed")
+            pair = self._out.setdefault(endpoint, OutPair(endpoint))
+        if not pair.lock.acquire(timeout=max(timeout_s, 0.0)):
+            raise TransportError(f"timed out after {timeout_s:.3g}s waiting for other sends to {endpoint}")
+        try:
+            if pair.link is None:
+                try:
+                    pair.link = self._connect(endpoint, deadline)
+                except TransportError:
+                    raise
+                except Exception as e:
+                    raise TransportError(f"KV receiver {endpoint}: connecting failed: {self._describe(e)}") from e
+            link = pair.link
+            link.seq += 1
+            seq = link.seq
+        finally:
+            pair.lock.release()
+        return self._stream_type(self, pair, link, seq, request_id, list(dst_block_ids), timeout_s)
 
     def send(self, endpoint: str, request_id: str, src_block_ids: list[int], dst_block_ids: list[int],
              timeout_s: float) -> None:
         if len(src_block_ids) != len(dst_block_ids):
             raise ValueError(f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destinations")
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            if self._closed:
-                raise TransportError("transport is closed")
-            pair = self._out.setdefault(endpoint, self._pair_type(endpoint))
-        if not pair.lock.acquire(timeout=max(timeout_s, 0.0)):
-            raise TransportError(f"timed out after {timeout_s:.3g}s waiting for other sends to {endpoint}")
-        try:
-            self._transfer(pair, request_id, src_block_ids, dst_block_ids, deadline)
-        except self._keep_pair_on:
-            raise
-        except Exception as e:
-            self._disconnect(pair)
-            if isinstance(e, TransportError):
-                raise
-            raise TransportError(f"KV send of {request_id!r} to {endpoint} failed: {self._describe(e)}") from e
-        finally:
-            pair.lock.release()
+        self.open_send(endpoint, request_id, dst_block_ids, timeout_s).finish(src_block_ids)
 
     @staticmethod
     def _left(deadline: float) -> float:
@@ -86,11 +260,18 @@ class PairedTransport(KVTransport):
             raise TransportError("KV send timed out")
         return left
 
-    def _disconnect_pairs(self, pairs: list[Any], **kw: Any) -> None:
-        """On close: `_disconnect(pair, **kw)` each pair, waiting at most 5 s for a transfer on it to end."""
+    def _close_pairs(self) -> None:
+        """On close: drop every link, politely, waiting at most 5 s for a message in progress on it."""
+        with self._lock:
+            self._closed = True
+            pairs = list(self._out.values())
         for pair in pairs:
-            if pair.lock.acquire(timeout=5.0):
-                try:
-                    self._disconnect(pair, **kw)
-                finally:
+            locked = pair.lock.acquire(timeout=5.0)
+            try:
+                link, pair.link = pair.link, None
+                if link is not None and link.broken is None:
+                    self._close_link(link, polite=locked)
+                    link.mark_broken("transport closed")
+            finally:
+                if locked:
                     pair.lock.release()

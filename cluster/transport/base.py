@@ -91,6 +91,14 @@ class KVTransport(ABC):
     def close(self) -> None:
         """Stop background threads and release connections; the cache itself is left alone."""
 
+    def open_send(self, endpoint: str, request_id: str, dst_block_ids: list[int], timeout_s: float) -> KVSendStream:
+        """Sender: start a handoff whose layers are sent as the prefill produces them (see `KVSendStream`).
+
+        Connects to the receiver if needed (may block up to `timeout_s`); sends nothing yet. Transports
+        that cannot stream return a stream that does one `send` at `finish`.
+        """
+        return _BulkSendStream(self, endpoint, request_id, list(dst_block_ids), timeout_s)
+
     def expect(self, request_id: str, dst_block_ids: list[int]) -> None:
         """Receiver: announce that `request_id`'s KV will land in `dst_block_ids` (reserved by the caller)."""
         with self._cv:
@@ -188,6 +196,44 @@ class KVTransport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class KVSendStream(ABC):
+    """One request's KV on its way to a receiver, sent layer by layer while the prefill computes it.
+
+    `layers_ready(src, upto)` runs on the thread that drives the model, right after it enqueued (on its
+    current CUDA stream) the work that writes layers [0, upto) of blocks `src`; it only enqueues work and
+    never raises (a failure is kept for `finish`). `finish(src)` sends what is left, returns once the
+    receiver holds all of it and raises `TransportError` (`TransportRejected`) otherwise. `abort()` ends
+    the stream undelivered (the receiver drops what came). Call exactly one of `finish` / `abort`.
+    """
+
+    @abstractmethod
+    def layers_ready(self, src_block_ids: list[int], upto: int) -> None: ...
+
+    @abstractmethod
+    def finish(self, src_block_ids: list[int]) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class _BulkSendStream(KVSendStream):
+    """For transports without streaming: everything moves in one `send` at `finish`."""
+
+    def __init__(self, transport: KVTransport, endpoint: str, request_id: str, dst: list[int],
+                 timeout_s: float) -> None:
+        self._transport, self._endpoint, self._rid, self._dst = transport, endpoint, request_id, dst
+        self._timeout_s = timeout_s
+
+    def layers_ready(self, src_block_ids: list[int], upto: int) -> None:
+        pass
+
+    def finish(self, src_block_ids: list[int]) -> None:
+        self._transport.send(self._endpoint, self._rid, src_block_ids, self._dst, self._timeout_s)
+
+    def abort(self) -> None:
+        pass
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

@@ -11,10 +11,11 @@ DLPack), and copies with PyTorch kernels: gather its source blocks, scatter into
 (over NVLink / PCIe peer access). Memory from `expandable_segments` (cuMem VMM) cannot be exported
 this way: listen() raises.
 
-Control channel (TCPStore hosted by the receiver, see _store_ctl):
+Control channel: the pair's socket (`_sock_ctl`), one connection per sender, served on its own thread:
   {"op": "pair"}                                   -> {"status": "ok", "handle", "offset", "shape", "dtype"}
   {"op": "claim", "seq", "rid", "dst", "timeout"}  -> {"seq", "status": "go" | "rejected", "error"}
-  (sender writes into the claimed blocks, synchronises its stream)
+  (the sender copies layers into the claimed blocks as they become ready: one kernel per chunk of
+  layers, block to block over NVLink with no staging buffer, on a stream of its own; then syncs it)
   {"op": "done", "seq", "rid", "ok", "error"}      -> {"seq", "status": "ok" | "late", "error"}
 The claim puts the request in WRITING, so a concurrent forget() waits for "done" (bounded by the claim's
 deadline, timeout + grace) and never returns while the sender may still write into those blocks.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,8 +33,8 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import OutPair, PairedTransport
-from cluster.transport._store_ctl import StoreClient, StoreServer
+from cluster.transport._paired import Link, PairedSendStream, PairedTransport, wait_stream
+from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
@@ -58,36 +60,79 @@ def _segment_base(ptr: int) -> tuple[int, int]:
     return base.value, size.value
 
 
-@dataclass
-class _OutPair(OutPair):
+@dataclass(eq=False)
+class _IpcLink(Link):
     peer_ptr: int = 0  # the mapped segment base, for ipcCloseMemHandle
     peer_cache: torch.Tensor | None = None
+    stream: torch.cuda.Stream | None = None  # where the copies run
+
+
+class _IpcSendStream(PairedSendStream):
+    t: CudaIpcTransport
+    link: _IpcLink
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.idx: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _begin(self) -> None:
+        self.link.ctl.send({"op": "claim", "seq": self.seq, "rid": self.rid, "dst": self.dst, "timeout": self.left()})
+        reply = self.link.await_reply(self.seq, self.deadline or 0.0)
+        if reply.get("status") != "go":
+            self.done = True  # nothing to tell the receiver at abort
+            raise TransportRejected(f"KV receiver {self.pair.endpoint} dropped {self.rid!r}: {reply.get('error')}")
+
+    def _send_layers(self, src: list[int], lo: int, hi: int) -> None:
+        from cluster.engine.kernels.block_copy import copy_blocks
+
+        cache, link = self.t.cache, self.link
+        assert link.stream is not None and link.peer_cache is not None
+        if self.idx is None:
+            self.idx = (torch.as_tensor(src, dtype=torch.long, device=cache.device),
+                        torch.as_tensor(self.dst, dtype=torch.long, device=cache.device))
+        link.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
+        with torch.cuda.stream(link.stream):
+            copy_blocks(cache, link.peer_cache, *self.idx, lo, hi)
+
+    def _done(self, ok: bool, error: str | None) -> dict[str, Any]:
+        assert self.link.stream is not None
+        wait_stream(self.link.stream, self.deadline or 0.0)  # on timeout the link drops; the claim lapses
+        self._locked(self.link.ctl.send, {"op": "done", "seq": self.seq, "rid": self.rid, "ok": ok, "error": error})
+        return self.link.await_reply(self.seq, max(self.deadline or 0.0, time.monotonic() + 1.0))
+
+    def _complete(self) -> None:
+        reply = self._done(True, None)
+        if reply.get("status") != "ok":  # written after the receiver stopped waiting: report, loudly
+            raise TransportRejected(f"KV write of {self.rid!r} into {self.pair.endpoint} was late: "
+                                    f"{reply.get('error')}")
+
+    def _abort(self) -> None:
+        self._done(False, "the sender aborted the transfer")
 
 
 class CudaIpcTransport(PairedTransport):
-    """Same-host GPU to GPU through CUDA IPC; the copy is a PyTorch gather/scatter into peer memory."""
+    """Same-host GPU to GPU through CUDA IPC; one block-to-block copy kernel per chunk into peer memory."""
 
     name: ClassVar[str] = "cuda_ipc"
-    _pair_type = _OutPair
-    _keep_pair_on = TransportError  # _transfer itself disconnects where the pair is out of step
+    _stream_type = _IpcSendStream
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
-                 write_grace_s: float = 5.0) -> None:
+                 write_grace_s: float = 5.0, **kw: Any) -> None:
         if cache.device.type != "cuda":
             raise ValueError("the cuda_ipc transport needs a CUDA KV cache")
-        super().__init__(layout, cache, host=host)
+        super().__init__(layout, cache, host=host, **kw)
         self._dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
         self._grace = write_grace_s
-        self._server: StoreServer | None = None
+        self._listener: CtlListener | None = None
         self._export: dict[str, Any] = {}
-        self._tickets: dict[tuple[int, int], tuple[str, _Expected]] = {}
+        self._pair_ids = itertools.count(1)
 
     # --- receiver -----------------------------------------------------------------------------------
     def listen(self) -> str:
         with self._lock:
             if self._closed:
                 raise TransportError("transport is closed")
-            if self._server is None:
+            if self._listener is None:
                 cupy = _cupy()
                 ptr, nbytes = self.cache.data_ptr(), self.cache.numel() * self.cache.element_size()
                 try:
@@ -100,111 +145,88 @@ class CudaIpcTransport(PairedTransport):
                     raise TransportError(f"cannot export the KV cache for CUDA IPC: {e}") from e
                 self._export = {"status": "ok", "handle": handle.hex(), "offset": ptr - base,
                                 "shape": list(self.cache.shape), "dtype": str(self.cache.dtype)}
-                self._server = StoreServer(self.host, self._on_ctl, name="kv-cuda-ipc")
-            return self._server.endpoint
+                self._listener = CtlListener(self.host, self._serve_pair, name="kv-cuda-ipc")
+            return self._listener.endpoint
 
-    def _on_ctl(self, msg: dict[str, Any]) -> None:
-        server = self._server
-        if server is None:
-            return
-        pair, op, seq = int(msg["pair"]), msg["op"], msg.get("seq")
-        if op == "pair":
-            server.reply(pair, self._export)
-        elif op == "claim":
-            rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
+    def _serve_pair(self, conn: CtlConn) -> None:
+        """One sender's connection: hand out the cache, then claims and completions, until it closes.
+
+        Claims still open when the connection ends are left to lapse at their deadlines: the sender may
+        still be writing (its kernels outlive its socket), so only time makes the blocks safe again.
+        """
+        tickets: dict[int, tuple[str, _Expected]] = {}
+        while True:
             try:
-                ticket = self._claim(rid, len(dst), dst, float(msg["timeout"]) + self._grace)
-            except TransportRejected as e:
-                server.reply(pair, {"seq": seq, "status": "rejected", "error": str(e)})
+                msg = conn.recv(None)
+            except TransportError:
                 return
-            with self._lock:
-                self._tickets[(pair, seq)] = (rid, ticket)
-            server.reply(pair, {"seq": seq, "status": "go"})
-        elif op == "done":
-            with self._lock:
-                rid, ticket = self._tickets.pop((pair, seq), (str(msg["rid"]), None))
-            current = ticket is not None and self._finish(rid, ticket, bool(msg["ok"]), msg.get("error"))
-            server.reply(pair, {"seq": seq, "status": "ok" if current else "late",
-                                "error": None if current else "the claim lapsed before the write ended"})
+            op, seq = msg["op"], msg.get("seq")
+            if op == "pair":
+                conn.send(self._export)
+            elif op == "claim":
+                rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
+                try:
+                    tickets[seq] = (rid, self._claim(rid, len(dst), dst, float(msg["timeout"]) + self._grace))
+                except TransportRejected as e:
+                    conn.send({"seq": seq, "status": "rejected", "error": str(e)})
+                    continue
+                conn.send({"seq": seq, "status": "go"})
+            elif op == "done":
+                rid, ticket = tickets.pop(seq, (str(msg["rid"]), None))
+                current = ticket is not None and self._finish(rid, ticket, bool(msg["ok"]), msg.get("error"))
+                conn.send({"seq": seq, "status": "ok" if current else "late",
+                           "error": None if current else "the claim lapsed before the write ended"})
 
     # --- sender -------------------------------------------------------------------------------------
-    def _connect(self, pair: _OutPair, deadline: float) -> None:
+    def _connect(self, endpoint: str, deadline: float) -> _IpcLink:
         cupy = _cupy()
-        pair.ctl = StoreClient(pair.endpoint, self._left(deadline))
-        pair.ctl.push({"op": "pair"}, self._left(deadline))
-        meta = pair.ctl.wait_reply(self._left(deadline))
-        shape, dtype = tuple(meta["shape"]), meta["dtype"]
-        mine = tuple(self.cache.shape)
-        if dtype != str(self.layout.dtype) or shape[:2] + shape[3:] != mine[:2] + mine[3:]:
-            raise TransportError(f"KV receiver {pair.endpoint} has cache {shape}/{dtype}, sender "
-                                 f"{tuple(self.cache.shape)}/{self.layout.dtype}")
-        nbytes = self.cache.element_size()
-        for s in shape:
-            nbytes *= s
-        with cupy.cuda.Device(self._dev):
-            base = cupy.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(meta["handle"]), _IPC_LAZY_ENABLE_PEER_ACCESS)
-            mem = cupy.cuda.UnownedMemory(base + int(meta["offset"]), nbytes, pair, self._dev)
-            flat = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
-        pair.peer_ptr = base
-        pair.peer_cache = torch.from_dlpack(flat).view(self.layout.dtype).view(shape)
-
-    def _transfer(self, pair: _OutPair, rid: str, src: list[int], dst: list[int], deadline: float) -> None:
+        ctl = CtlConn.connect(endpoint, self._left(deadline))
         try:
-            if pair.peer_cache is None:
-                self._connect(pair, deadline)
-            assert pair.ctl is not None and pair.peer_cache is not None
-            pair.seq += 1
-            pair.ctl.push({"op": "claim", "seq": pair.seq, "rid": rid, "dst": list(dst),
-                           "timeout": self._left(deadline)}, self._left(deadline))
-            reply = pair.ctl.wait_reply(self._left(deadline))
-        except TransportError:
-            self._disconnect(pair)
+            ctl.send({"op": "pair"})
+            try:
+                meta = ctl.recv(self._left(deadline))
+            except TimeoutError:
+                raise TransportError(f"KV receiver {endpoint} did not answer the pairing") from None
+            shape, dtype = tuple(meta["shape"]), meta["dtype"]
+            mine = tuple(self.cache.shape)
+            if dtype != str(self.layout.dtype) or shape[:2] + shape[3:] != mine[:2] + mine[3:]:
+                raise TransportError(f"KV receiver {endpoint} has cache {shape}/{dtype}, sender "
+                                     f"{mine}/{self.layout.dtype}")
+            nbytes = self.cache.element_size()
+            for s in shape:
+                nbytes *= s
+            with cupy.cuda.Device(self._dev):
+                base = cupy.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(meta["handle"]),
+                                                          _IPC_LAZY_ENABLE_PEER_ACCESS)
+                mem = cupy.cuda.UnownedMemory(base + int(meta["offset"]), nbytes, ctl, self._dev)
+                flat = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        except BaseException:
+            ctl.close()
             raise
-        if reply.get("seq") != pair.seq:
-            self._disconnect(pair)
-            raise TransportError(f"KV receiver {pair.endpoint} answered seq {reply.get('seq')}, sent {pair.seq}")
-        if reply["status"] != "go":
-            raise TransportRejected(f"KV receiver {pair.endpoint} dropped {rid!r}: {reply.get('error')}")
-        ok, error = False, None
-        try:
-            self._left(deadline)  # the claim expires at its deadline (+ grace): never start a write after it
-            if src:
-                with torch.cuda.device(self._dev):
-                    self.layout.scatter(pair.peer_cache, dst, self.layout.gather(self.cache, src))
-                    torch.cuda.current_stream().synchronize()
-            ok = True
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-        try:
-            left = max(deadline - time.monotonic(), 1.0)
-            pair.ctl.push({"op": "done", "seq": pair.seq, "rid": rid, "ok": ok, "error": error}, left)
-            done = pair.ctl.wait_reply(left)
-        except TransportError:
-            self._disconnect(pair)
-            raise
-        if not ok:
-            raise TransportError(f"KV write of {rid!r} into {pair.endpoint} failed: {error}")
-        if done.get("status") != "ok":  # written after the receiver stopped waiting: report, loudly
-            raise TransportError(f"KV write of {rid!r} into {pair.endpoint} was late: {done.get('error')}")
+        peer = torch.from_dlpack(flat).view(self.layout.dtype).view(shape)
+        return _IpcLink(ctl=ctl, peer_ptr=base, peer_cache=peer, stream=torch.cuda.Stream(self.cache.device))
 
-    def _disconnect(self, pair: _OutPair) -> None:
-        """Unmap the peer's cache and drop the control connection. Caller holds pair.lock."""
-        pair.peer_cache = None
-        if pair.peer_ptr:
+    def _close_link(self, link: Link, polite: bool) -> None:
+        """Unmap the peer's cache (once our copies are done) and drop the control connection."""
+        assert isinstance(link, _IpcLink)
+        if link.stream is not None:
+            with contextlib.suppress(Exception):
+                wait_stream(link.stream, time.monotonic() + 5.0)
+        link.peer_cache = None
+        if link.peer_ptr:
             with contextlib.suppress(Exception):
                 cupy = _cupy()
                 with cupy.cuda.Device(self._dev):
-                    cupy.cuda.runtime.ipcCloseMemHandle(pair.peer_ptr)
-            pair.peer_ptr = 0
-        pair.ctl = None
+                    cupy.cuda.runtime.ipcCloseMemHandle(link.peer_ptr)
+            link.peer_ptr = 0
+        link.ctl.close()
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            server, self._server = self._server, None
-            pairs = list(self._out.values())
-        self._disconnect_pairs(pairs)
-        if server is not None:
-            server.close()
+        self._close_pairs()
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()

@@ -1,47 +1,49 @@
 """"gloo" and "nccl": one implementation over torch.distributed point-to-point, backend picked by name.
 
 No global world and no `init_process_group`: every (sender, receiver) pair gets its own 2-rank process
-group, built directly (`ProcessGroupGloo` / `ProcessGroupNCCL`) on a `PrefixStore` of the receiver's
-TCPStore, so one process can pair with any number of peers, at any time, without restarts.
+group, built directly (`ProcessGroupGloo` / `ProcessGroupNCCL`) on a `PrefixStore` of a TCPStore the
+receiver hosts, so one process can pair with any number of peers, at any time, without restarts.
 
-Wire protocol (receiver = rank 1 of each pair, sender = rank 0):
-  pairing   sender: pair = store.add("pair_counter", 1); push ctl {"op": "pair", "pair", "timeout"};
-            both sides build the process group on PrefixStore(f"pg/{pair}/", store) (it blocks until
-            both have joined). The receiver serves each pair on its own thread.
-  transfer  sender (one at a time per pair): push ctl {"op": "kv", "pair", "seq", "rid", "dst", "dtype",
-            "shape", "timeout"}; then ONE send of the gathered blocks (shape [L, 2, n, block, heads, dim]);
-            then wait for {"seq", "status": "ok" | "rejected" | "error", "error"} on reply/{pair}.
-            The receiver receives into a scratch buffer, then (`_claim`, under the lock) scatters it into
-            its cache only if the request is still expected, then replies. Rejected data is discarded.
-  teardown  sender close(): push ctl {"op": "bye"}; any failure drops the pair and the next send pairs
-            again (a fresh pair id). Control messages travel through the store, so an idle receiver never
-            sits in a process-group recv (an idle NCCL recv would trip the NCCL watchdog).
+Wire protocol (receiver = rank 1 of each pair, sender = rank 0); control messages go over the pair's
+socket (`_sock_ctl`), data over the process group:
+  pairing   sender connects: {"op": "pair", "timeout"} -> {"pair", "store_port"}; both build the group on
+            PrefixStore(f"pg/{pair}/") and exchange one element, so NCCL's communicator exists before any
+            prefill streams into it. The receiver serves each connection on its own thread.
+  transfer  {"op": "begin", "seq", "rid", "dst", "dtype", "block", "timeout"}, then per chunk of layers
+            {"op": "chunk", "seq", "lo", "hi", "numel"} followed by ONE send of those layers of the blocks
+            (gathered: [hi - lo, 2, n, block, heads, dim]), then {"op": "end", "seq"} (or "abort") ->
+            {"seq", "status": "ok" | "rejected" | "aborted", "error"}. Transfers may interleave by chunk.
+            The receiver claims the blocks at "begin"; each chunk is received on a stream of its own and
+            scattered into the cache right behind it (GPU-side, no CPU wait), so receiving overlaps
+            scattering and never touches the decode step loop. Data for a rejected request is drained.
+  teardown  {"op": "bye"}, or the connection closing; any failure drops the pair (and aborts its group).
 gloo moves CPU tensors (a CUDA cache is staged through host memory); nccl keeps everything on the GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import OutPair, PairedTransport
-from cluster.transport._store_ctl import StoreClient, StoreServer, bounded
-from cluster.transport.base import TransportError, TransportRejected
+from cluster.transport._paired import Link, PairedSendStream, PairedTransport, wait_stream
+from cluster.transport._sock_ctl import CtlConn, CtlListener
+from cluster.transport.base import TransportError, TransportRejected, _Expected, parse_endpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _NCCL_PG_TIMEOUT = timedelta(hours=1)  # the watchdog's; every wait we do has its own, shorter timeout
-_MAX_SCATTER_S = 60.0  # forget() waits at most this long for a scatter in progress
 _DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8,
                                torch.int8, torch.int16, torch.int32, torch.int64)}
 if hasattr(torch, "float8_e4m3fn"):
@@ -56,22 +58,110 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-@dataclass
-class _OutPair(OutPair):
+def _bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Run `fn` on a helper thread; TransportError if it has not returned within `timeout_s` (for process
+    group set-up, which can block on a peer that is alive but stuck; the abandoned call stays on its
+    daemon thread and its group must not be used)."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="kv-bounded-call", daemon=True).start()
+    if not done.wait(max(timeout_s, 0.0)):
+        raise TransportError(f"{what}: no answer within {timeout_s:.3g}s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@dataclass(eq=False)
+class _DistLink(Link):
     pg: Any = None
+    stream: torch.cuda.Stream | None = None  # where the sender gathers and sends
+
+
+@dataclass
+class _InTransfer:
+    """Receiver side of one transfer on a pair."""
+
+    rid: str
+    dtype: torch.dtype
+    dst: torch.Tensor  # block ids on the cache's device
+    ticket: _Expected | None  # None: rejected at "begin" (its data is drained)
+    reason: str
+    deadline: float
+    bufs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _DistSendStream(PairedSendStream):
+    t: _TorchDistTransport
+    link: _DistLink
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.src_idx: torch.Tensor | None = None
+        self.bufs: list[torch.Tensor] = []  # gathered chunks, alive until the receiver has them
+
+    def _begin(self) -> None:
+        lay = self.layout
+        self.link.ctl.send({"op": "begin", "seq": self.seq, "rid": self.rid, "dst": self.dst, "dtype": str(lay.dtype),
+                            "block": [lay.block_size, lay.num_kv_heads, lay.head_dim], "timeout": self.left()})
+
+    def _send_layers(self, src: list[int], lo: int, hi: int) -> None:
+        cache, link = self.t.cache, self.link
+        if self.src_idx is None:
+            self.src_idx = torch.as_tensor(src, dtype=torch.long, device=cache.device)
+        numel = (hi - lo) * cache[0, 0, 0].numel() * 2 * len(src)
+        link.ctl.send({"op": "chunk", "seq": self.seq, "lo": lo, "hi": hi, "numel": numel})
+        if link.stream is None:  # gloo: synchronous, through host memory
+            data = self.layout.gather(cache, self.src_idx, (lo, hi)).reshape(-1).cpu()
+            link.pg.send([data], 1, 0).wait(_td(self.left()))
+            return
+        link.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
+        with torch.cuda.stream(link.stream):
+            self.bufs.append(self.layout.gather(cache, self.src_idx, (lo, hi)).view(-1))
+            link.pg.send([self.bufs[-1]], 1, 0)
+
+    def _end(self, op: str, deadline: float) -> dict[str, Any]:
+        self._locked(self.link.ctl.send, {"op": op, "seq": self.seq})
+        try:
+            return self.link.await_reply(self.seq, deadline)
+        finally:
+            self.bufs.clear()
+
+    def _complete(self) -> None:
+        assert self.deadline is not None
+        reply = self._end("end", self.deadline)
+        status, endpoint = reply.get("status"), self.pair.endpoint
+        if status == "ok":
+            return
+        if status in ("rejected", "late"):
+            raise TransportRejected(f"KV receiver {endpoint} dropped {self.rid!r}: {reply.get('error')}")
+        raise TransportError(f"KV receiver {endpoint} failed {self.rid!r}: {reply.get('error')}")
+
+    def _abort(self) -> None:
+        self._end("abort", time.monotonic() + min(self.timeout_s, 5.0))
 
 
 class _TorchDistTransport(PairedTransport):
     backend: ClassVar[str]
-    _pair_type = _OutPair
+    _stream_type = _DistSendStream
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
-                 recv_grace_s: float = 5.0) -> None:
-        super().__init__(layout, cache, host=host)
-        self._wire = torch.device("cpu") if self.backend == "gloo" else cache.device
+                 recv_grace_s: float = 5.0, **kw: Any) -> None:
+        super().__init__(layout, cache, host=host, **kw)
+        self._cuda = self.backend == "nccl"
         self._recv_grace_s = recv_grace_s
-        self._server: StoreServer | None = None
-        self._in: dict[int, tuple[queue.Queue[dict[str, Any] | None], threading.Thread]] = {}
+        self._listener: CtlListener | None = None
+        self._store: dist.TCPStore | None = None
+        self._pair_ids = itertools.count(1)
         self._aborts: list[threading.Thread] = []
 
     # --- process groups -----------------------------------------------------------------------------
@@ -80,6 +170,25 @@ class _TorchDistTransport(PairedTransport):
         if self.backend == "gloo":
             return dist.ProcessGroupGloo(prefixed, rank, 2, _td(timeout_s))
         return dist.ProcessGroupNCCL(prefixed, rank, 2, _NCCL_PG_TIMEOUT)
+
+    def _join(self, host: str, port: int, pair: int, rank: int, timeout_s: float) -> Any:
+        """Build the pair's group and exchange one element (creates NCCL's communicator now)."""
+
+        def join() -> Any:
+            if self._cuda:
+                torch.cuda.set_device(self.cache.device)
+            store = dist.TCPStore(host, port, is_master=False, timeout=_td(timeout_s))
+            pg = self._new_pg(store, pair, rank, timeout_s)
+            one = torch.zeros(1, device=self.cache.device if self._cuda else "cpu")
+            work = pg.send([one], 1, 0) if rank == 0 else pg.recv([one], 0, 0)
+            if self._cuda:
+                work.wait()
+                torch.cuda.current_stream().synchronize()
+            else:
+                work.wait(_td(timeout_s))
+            return pg
+
+        return _bounded(join, timeout_s, f"KV pair {pair}: joining the process group")
 
     def _drop_pg(self, pg: Any, wait_s: float) -> None:
         """Abort (and release) a process group on a helper thread, waiting for it at most `wait_s`: after a
@@ -99,143 +208,155 @@ class _TorchDistTransport(PairedTransport):
             with self._lock:  # close() waits for these
                 self._aborts = [a for a in self._aborts if a.is_alive()] + [t]
 
-    def _sync(self) -> None:
-        if self.cache.device.type == "cuda":
-            torch.cuda.current_stream(self.cache.device).synchronize()
-
     # --- receiver -----------------------------------------------------------------------------------
     def listen(self) -> str:
         with self._lock:
             if self._closed:
                 raise TransportError("transport is closed")
-            if self._server is None:
-                self._server = StoreServer(self.host, self._on_ctl, name=f"kv-{self.backend}")
-            return self._server.endpoint
+            if self._listener is None:
+                self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
+                                            timeout=timedelta(seconds=60))
+                self._listener = CtlListener(self.host, self._serve_pair, name=f"kv-{self.backend}")
+            return self._listener.endpoint
 
-    def _on_ctl(self, msg: dict[str, Any]) -> None:
-        """Dispatcher thread: route a control message to its pair's thread (never blocks)."""
-        pair, op = int(msg["pair"]), msg["op"]
-        with self._lock:
-            q, server = self._in.get(pair, (None, None))[0], self._server
-            if server is None:
-                return
-            if op == "pair" and q is None:
-                q = queue.Queue()
-                t = threading.Thread(target=self._serve_pair, args=(server, pair, q, float(msg["timeout"])),
-                                     name=f"kv-{self.backend}-pair{pair}", daemon=True)
-                self._in[pair] = (q, t)
-                t.start()
-                return
-        if q is not None:
-            q.put(None if op == "bye" else msg)
-        elif op == "kv":
-            server.reply(pair, {"seq": msg["seq"], "status": "error", "error": "unknown pair"})
-
-    def _serve_pair(self, server: StoreServer, pair: int, q: queue.Queue[dict[str, Any] | None],
-                    timeout_s: float) -> None:
-        pg = None
+    def _serve_pair(self, conn: CtlConn) -> None:
+        """One sender's connection, on its own thread: pair, then receive transfers until it ends."""
+        msg = conn.recv(30.0)
+        store = self._store
+        if msg.get("op") != "pair" or store is None:
+            return
+        pair, timeout_s = next(self._pair_ids), float(msg["timeout"])
+        conn.send({"pair": pair, "store_port": int(store.port)})
+        pg, transfers = None, {}
+        stream = torch.cuda.Stream(self.cache.device) if self._cuda else None
         try:
-            if self.cache.device.type == "cuda":
-                torch.cuda.set_device(self.cache.device)
-            pg = self._new_pg(server.client(_td(timeout_s)), pair, 1, timeout_s)
-            while (msg := q.get()) is not None:
-                self._receive_one(server, pg, pair, msg)
+            pg = self._join(self.host, int(store.port), pair, 1, timeout_s)
+            while True:
+                deadline = min((t.deadline for t in transfers.values()), default=None)
+                try:
+                    msg = conn.recv(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    raise TransportError("a transfer did not complete in time") from None
+                op, seq = msg["op"], int(msg.get("seq", 0))
+                if op == "bye":
+                    return
+                if op == "begin":
+                    transfers[seq] = self._begin_in(msg)
+                elif op == "chunk":
+                    self._recv_chunk(pg, stream, transfers[seq], msg)
+                elif op in ("end", "abort"):
+                    reply = self._end_in(stream, transfers[seq], op == "end")
+                    del transfers[seq]
+                    conn.send({"seq": seq, **reply})
         except Exception as e:
             log.warning("KV %s pair %d closed: %s", self.backend, pair, _first_line(e))
         finally:
-            with self._lock:
-                self._in.pop(pair, None)
             self._drop_pg(pg, wait_s=5.0)
+            self._fail_in_flight(stream, transfers)
 
-    def _receive_one(self, server: StoreServer, pg: Any, pair: int, msg: dict[str, Any]) -> None:
-        """Receive one transfer; raises (ending the pair) only if the process group broke."""
-        rid, dst, seq = str(msg["rid"]), [int(b) for b in msg["dst"]], msg["seq"]
-        shape, dtype = tuple(int(s) for s in msg["shape"]), _DTYPES.get(msg["dtype"])
-        if dtype is None:
-            raise TransportError(f"pair {pair}: unsupported dtype {msg['dtype']!r}; cannot stay in sync")
-        buf = None
-        if dst:
-            buf = torch.empty(shape, dtype=dtype, device=self._wire)
-            pg.recv([buf], 0, 0).wait(_td(float(msg["timeout"]) + self._recv_grace_s))
+    def _fail_in_flight(self, stream: torch.cuda.Stream | None, transfers: dict[int, _InTransfer]) -> None:
+        """After a broken pair: claimed transfers go back to EXPECTED once no scatter can still run; if
+        the stream does not drain, their claims lapse at their deadlines (forget() waits that long)."""
+        claimed = [t for t in transfers.values() if t.ticket is not None]
+        if not claimed:
+            return
+        if stream is not None:
+            try:
+                wait_stream(stream, time.monotonic() + 5.0)
+            except TransportError:
+                return
+        for t in claimed:
+            assert t.ticket is not None
+            self._finish(t.rid, t.ticket, False, "the sender's connection broke mid-transfer")
+
+    def _begin_in(self, msg: dict[str, Any]) -> _InTransfer:
+        rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
+        dtype = _DTYPES.get(msg["dtype"])
+        if dtype is None:  # cannot even size its chunks
+            raise TransportError(f"unsupported dtype {msg['dtype']!r}; cannot stay in sync")
+        lay = self.layout
+        deadline = time.monotonic() + float(msg["timeout"]) + self._recv_grace_s
+        ticket, reason = None, ""
         try:
-            if buf is not None and (dtype != self.layout.dtype or shape != self.layout.cache_shape(len(dst))):
-                raise TransportRejected(f"layout mismatch: got {shape}/{dtype}, expected "
-                                        f"{self.layout.cache_shape(len(dst))}/{self.layout.dtype}")
-            ticket = self._claim(rid, len(dst), dst, _MAX_SCATTER_S)
+            if dtype != lay.dtype or list(msg["block"]) != [lay.block_size, lay.num_kv_heads, lay.head_dim]:
+                raise TransportRejected(f"layout mismatch: sender {msg['dtype']} blocks {msg['block']}, receiver {lay}")
+            ticket = self._claim(rid, len(dst), dst, deadline - time.monotonic())
         except TransportRejected as e:
-            server.reply(pair, {"seq": seq, "status": "rejected", "error": str(e)})
+            reason = str(e)
+        idx = torch.as_tensor(dst, dtype=torch.long, device=self.cache.device)
+        return _InTransfer(rid, dtype, idx, ticket, reason, deadline)
+
+    def _recv_chunk(self, pg: Any, stream: torch.cuda.Stream | None, t: _InTransfer, msg: dict[str, Any]) -> None:
+        lo, hi, numel = int(msg["lo"]), int(msg["hi"]), int(msg["numel"])
+        shape = (hi - lo, 2, len(t.dst), *self.cache.shape[3:])
+        if stream is None:  # gloo: on the CPU, synchronously
+            buf = torch.empty(numel, dtype=t.dtype)
+            pg.recv([buf], 0, 0).wait(_td(t.deadline - time.monotonic()))
+            if t.ticket is not None:
+                self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
             return
-        try:
-            if buf is not None:
-                self.layout.scatter(self.cache, ticket.dst_block_ids, buf)
-                self._sync()
-        except Exception as e:
-            self._finish(rid, ticket, False, _first_line(e))
-            server.reply(pair, {"seq": seq, "status": "error", "error": _first_line(e)})
-            return
-        self._finish(rid, ticket, True)
-        server.reply(pair, {"seq": seq, "status": "ok"})
+        with torch.cuda.stream(stream):
+            buf = torch.empty(numel, dtype=t.dtype, device=self.cache.device)
+            pg.recv([buf], 0, 0).wait()  # the stream waits for the data; this thread does not
+            if t.ticket is not None:
+                self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
+        t.bufs.append(buf)
+
+    def _end_in(self, stream: torch.cuda.Stream | None, t: _InTransfer, delivered: bool) -> dict[str, Any]:
+        if stream is not None:
+            wait_stream(stream, t.deadline)
+        t.bufs.clear()
+        if t.ticket is None:
+            return {"status": "rejected", "error": t.reason}
+        if not delivered:
+            self._finish(t.rid, t.ticket, False, "the sender aborted the transfer")
+            return {"status": "aborted"}
+        if self._finish(t.rid, t.ticket, True):
+            return {"status": "ok"}
+        return {"status": "late", "error": "the claim lapsed before the data arrived"}
 
     # --- sender -------------------------------------------------------------------------------------
-    def _describe(self, e: Exception) -> str:
+    def _describe(self, e: BaseException) -> str:
         return _first_line(e)
 
-    def _connect(self, pair: _OutPair, deadline: float) -> None:
-        pair.ctl = ctl = StoreClient(pair.endpoint, self._left(deadline))
-        ctl.push({"op": "pair", "timeout": self._left(deadline)}, self._left(deadline))
-        left = self._left(deadline)
-        pair.pg = bounded(lambda: self._new_pg(ctl.store.clone(), ctl.pair, 0, left), left,
-                          f"KV receiver {pair.endpoint}: joining the process group")
+    def _connect(self, endpoint: str, deadline: float) -> _DistLink:
+        ctl = CtlConn.connect(endpoint, self._left(deadline))
+        try:
+            ctl.send({"op": "pair", "timeout": self._left(deadline)})
+            try:
+                meta = ctl.recv(self._left(deadline))
+            except TimeoutError:
+                raise TransportError(f"KV receiver {endpoint} did not answer the pairing") from None
+            pg = self._join(parse_endpoint(endpoint)[0], int(meta["store_port"]), int(meta["pair"]), 0,
+                            self._left(deadline))
+        except BaseException:
+            ctl.close()
+            raise
+        return _DistLink(ctl=ctl, pg=pg, stream=torch.cuda.Stream(self.cache.device) if self._cuda else None)
 
-    def _transfer(self, pair: _OutPair, rid: str, src: list[int], dst: list[int], deadline: float) -> None:
-        if pair.pg is None:
-            self._connect(pair, deadline)
-        assert pair.ctl is not None
-        pair.seq += 1
-        data = self.layout.gather(self.cache, src).to(self._wire) if src else None
-        pair.ctl.push({"op": "kv", "seq": pair.seq, "rid": rid, "dst": list(dst), "dtype": str(self.layout.dtype),
-                       "shape": list(data.shape) if data is not None else [], "timeout": self._left(deadline)},
-                      self._left(deadline))
-        if data is not None:
-            pair.pg.send([data], 1, 0).wait(_td(self._left(deadline)))
-        reply = pair.ctl.wait_reply(self._left(deadline))
-        if reply.get("seq") != pair.seq:
-            raise TransportError(f"KV receiver {pair.endpoint} answered seq {reply.get('seq')}, sent {pair.seq}")
-        if reply["status"] == "rejected":
-            raise TransportRejected(f"KV receiver {pair.endpoint} dropped {rid!r}: {reply.get('error')}")
-        if reply["status"] != "ok":
-            raise TransportError(f"KV receiver {pair.endpoint} failed {rid!r}: {reply.get('error')}")
-
-    def _disconnect(self, pair: _OutPair, polite: bool = False) -> None:
-        """Forget a (possibly broken) pair; the next send pairs afresh. Caller holds pair.lock.
-
-        `polite` (clean close only) tells the receiver, so its pair thread ends. After a failure the
-        receiver's pair thread ends when its pending receive fails or times out; if it was idle, it
-        idles on (one thread and one process group) until the receiver closes.
-        """
-        if polite and pair.ctl is not None and pair.pg is not None:
+    def _close_link(self, link: Link, polite: bool) -> None:
+        assert isinstance(link, _DistLink)
+        if polite:
             with contextlib.suppress(Exception):
-                pair.ctl.push({"op": "bye"}, 1.0)
-        self._drop_pg(pair.pg, wait_s=5.0 if polite else 0.0)
-        pair.pg = pair.ctl = None
+                link.ctl.send({"op": "bye"})
+        self._drop_pg(link.pg, wait_s=5.0 if polite else 0.0)
+        link.ctl.close()
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            server, self._server = self._server, None
-            pairs, serving = list(self._out.values()), list(self._in.values())
-        self._disconnect_pairs(pairs, polite=True)
-        for q, _ in serving:
-            q.put(None)
-        deadline = time.monotonic() + 10.0
+        self._close_pairs()
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         with self._lock:
             aborts = list(self._aborts)
-        for t in [t for _, t in serving] + aborts:  # process groups are released before the caller exits
+        deadline = time.monotonic() + 10.0
+        for t in aborts:  # process groups are released before the caller exits
             t.join(max(deadline - time.monotonic(), 0.0))
-        if server is not None:
-            server.close()
+        self._store = None
 
 
 class GlooTransport(_TorchDistTransport):
@@ -243,6 +364,7 @@ class GlooTransport(_TorchDistTransport):
 
     name = "gloo"
     backend = "gloo"
+    streams_layers = False  # a gloo send blocks until received: it must not run inside the forward
 
 
 class NcclTransport(_TorchDistTransport):

@@ -24,6 +24,7 @@ class WorkerConfig:
     heartbeat_s: float = 0.5
     max_queue: int = 512  # requests waiting in this worker beyond which it answers RESOURCE_EXHAUSTED
     kv_send_timeout_s: float = 30.0
+    kv_stream_layers: bool = True  # prefill: send each layer's KV while the rest of the prompt computes
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

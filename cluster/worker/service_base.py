@@ -54,6 +54,10 @@ class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
         """Stop the blocking-call threads (pending calls are cancelled)."""
         self._blocking_pool.shutdown(wait=False, cancel_futures=True)
 
+    def submit_blocking(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a blocking call in the background, nobody waiting for it (e.g. aborting a KV stream)."""
+        self._blocking_pool.submit(fn, *args)
+
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call (transport send / wait / forget) without holding up the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._blocking_pool, fn, *args)

@@ -23,7 +23,9 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-@triton.jit
+# Metadata arguments vary step to step (views at any offset of one uploaded buffer, block-table widths):
+# never specialise on them, or Triton recompiles the first time a new alignment class shows up mid-serving.
+@triton.jit(do_not_specialize=["tables_ptr", "ctx_ptr", "table_stride"])
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, o_ptr, lse_ptr, scale, table_stride,
                            NUM_SPLITS: tl.constexpr, NUM_KV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                            D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -98,7 +100,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tables_ptr", "tile_seq_ptr", "tile_start_ptr", "q_loc_ptr", "ctx_ptr",
+                               "table_stride"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, tile_seq_ptr, tile_start_ptr, q_loc_ptr, ctx_ptr,
                     scale, table_stride, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, D: tl.constexpr,
                     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):

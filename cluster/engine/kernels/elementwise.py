@@ -62,7 +62,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_ptr", "slot_ptr"])  # views at any offset of the step's upload
 def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                        qkv_stride, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, D: tl.constexpr,
                        HEADS_PAD: tl.constexpr):

@@ -1,0 +1,150 @@
+"""The control channel of the paired transports: length-prefixed JSON over one TCP connection per pair.
+
+The receiver runs a `CtlListener` (port 0: the OS picks it; it is the endpoint's port) that serves every
+accepted connection on a thread of its own. The sender holds one `CtlConn` per receiver. Messages are
+small dicts; a timed-out or broken connection is never reused (the caller drops it and pairs again).
+Unlike a TCPStore, a message costs one syscall each way and no helper threads, so a handoff's control
+traffic stays in the tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cluster.transport.base import TransportError, format_endpoint, parse_endpoint
+
+log = logging.getLogger(__name__)
+_HEADER = struct.Struct("!I")
+_MAX_MESSAGE = 1 << 26
+_SEND_TIMEOUT_S = 30.0  # messages are tiny: a send only blocks if the peer stopped reading altogether
+
+
+class CtlConn:
+    """One control connection. `send` is thread-safe; `recv` must be called by one thread at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(_SEND_TIMEOUT_S)
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._buf = bytearray()
+        self.closed = False
+
+    @classmethod
+    def connect(cls, endpoint: str, timeout_s: float) -> CtlConn:
+        host, port = parse_endpoint(endpoint)
+        try:
+            return cls(socket.create_connection((host, port), timeout=max(timeout_s, 0.001)))
+        except OSError as e:
+            raise TransportError(f"KV receiver {endpoint} unreachable: {e}") from e
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = json.dumps(msg).encode()
+        try:
+            with self._send_lock:
+                self._sock.sendall(_HEADER.pack(len(data)) + data)
+        except OSError as e:
+            raise TransportError(f"control connection lost: {e}") from e
+
+    def recv(self, timeout_s: float | None) -> dict[str, Any]:
+        """The next message; TimeoutError after `timeout_s` (None: wait forever), TransportError on EOF."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        header = self._read(_HEADER.size, deadline)
+        (size,) = _HEADER.unpack(header)
+        if size > _MAX_MESSAGE:
+            raise TransportError(f"control message of {size} bytes: the peer is out of step")
+        return json.loads(self._read(size, deadline))
+
+    def _read(self, n: int, deadline: float | None) -> bytes:
+        while len(self._buf) < n:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("no control message in time")
+            try:
+                ready, _, _ = select.select([self._sock], [], [], left)
+                if not ready:
+                    continue
+                chunk = self._sock.recv(1 << 16)
+            except (OSError, ValueError) as e:  # ValueError: the socket was closed under us
+                raise TransportError(f"control connection lost: {e}") from e
+            if not chunk:
+                raise TransportError("control connection closed by the peer")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+class CtlListener:
+    """Receiver side: accepts control connections and runs `handler(conn)` for each on its own thread."""
+
+    def __init__(self, host: str, handler: Callable[[CtlConn], None], name: str) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, 0), family=family, backlog=64)
+        self.endpoint = format_endpoint(host, self._sock.getsockname()[1])
+        self._handler = handler
+        self._name = name
+        self._lock = threading.Lock()
+        self._conns: set[CtlConn] = set()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._accept = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            conn = CtlConn(sock)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+                t = threading.Thread(target=self._serve, args=(conn,), name=f"{self._name}-pair", daemon=True)
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _serve(self, conn: CtlConn) -> None:
+        try:
+            self._handler(conn)
+        except Exception:
+            log.exception("KV control connection handler failed")
+        finally:
+            conn.close()
+            with self._lock:
+                self._conns.discard(conn)
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop accepting, close every connection (their handlers see EOF) and wait for the handlers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns, threads = list(self._conns), list(self._threads)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        for c in conns:
+            c.close()
+        deadline = time.monotonic() + wait_s
+        for t in [self._accept, *threads]:
+            t.join(max(deadline - time.monotonic(), 0.0))
