@@ -144,9 +144,11 @@ def _pick(rng: torch.Generator, n: int) -> tuple[list[int], list[int]]:
     return src, dst
 
 
-def _check_cache(got: torch.Tensor, expected: torch.Tensor) -> None:
+def _check_cache(got: torch.Tensor, expected: torch.Tensor, anything_in: tuple[int, ...] = ()) -> None:
+    """Bit-equal, except blocks `anything_in` (those of a transfer cut off mid-way: their owner's, only)."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
     diff = (_bits(got) != _bits(expected)).flatten(3).any(-1).any(0).any(0).nonzero().flatten().tolist()
+    diff = [b for b in diff if b not in anything_in]
     assert not diff, f"blocks differ from the expected cache: {diff}"
 
 
@@ -250,9 +252,12 @@ def _stalled_scenario(name: str, device: tuple[str, str] = ("cpu", "cpu")) -> No
         sender.call("send", endpoint, "c", [10], [9], 20.0)
         recv.call("wait_received", "c", 5.0)
         expected[:, :, [9]] = src_cache[:, :, [10]]
+        cut_off = (11, 12) if silent is not None else ()  # a cut-off receive may leave anything in its blocks
         if "b" in recv.call("poll_received")[0]:  # the timed-out send may still have landed, intact
             expected[:, :, [5, 6]] = src_cache[:, :, [7, 8]]
-        _check_cache(recv.call("cache")[0], expected)
+        else:
+            cut_off += (5, 6)
+        _check_cache(recv.call("cache")[0], expected, anything_in=cut_off)
         _stop_all(recv, sender)
     finally:
         with contextlib.suppress(Exception):

@@ -24,7 +24,9 @@ from cluster.engine.kv_layout import KVLayout
 from cluster.transport._sock_ctl import CtlConn
 from cluster.transport.base import KVSendStream, KVTransport, TransportError, TransportRejected
 
-CHUNK_BYTES = 32 << 20  # big enough for full link speed, small enough to pipeline and to stream per layers
+CHUNK_BYTES = 32 << 20  # streaming granularity: big enough for link speed, small enough to follow the layers
+BULK_CHUNKS = 4  # layers all ready at once (a plain send) go in chunks of BULK_CHUNKS * chunk_bytes
+REPLY_SPIN_S = 5e-4  # a sender polls this long for its answer before sleeping on the socket
 
 
 def wait_stream(stream: torch.cuda.Stream, deadline: float) -> None:
@@ -61,7 +63,7 @@ class Link:
                     raise TransportError(self.broken)
                 self.reading = True
             try:
-                msg = self.ctl.recv(deadline - time.monotonic())
+                msg = self.ctl.recv(deadline - time.monotonic(), spin_s=REPLY_SPIN_S)
             except TimeoutError:
                 raise TransportError("KV receiver did not answer in time") from None
             finally:
@@ -100,7 +102,10 @@ class PairedSendStream(KVSendStream):
         self.started = False
         self.error: BaseException | None = None
         self.done = False
-        self.chunk_layers = max(1, transport.chunk_bytes // max(self.layout.bytes_per_layer(len(dst)), 1))
+        per_layer = max(self.layout.bytes_per_layer(len(dst)), 1)
+        self.chunk_layers = max(1, transport.chunk_bytes // per_layer)
+        self.bulk_layers = max(1, BULK_CHUNKS * transport.chunk_bytes // per_layer)
+        self.ended = False  # the receiver was told that every layer is out (see _all_sent)
 
     def left(self) -> float:
         assert self.deadline is not None
@@ -145,10 +150,17 @@ class PairedSendStream(KVSendStream):
             self.started = True
         if not self.dst:
             self.sent = upto
-        while self.sent < upto and (final or upto - self.sent >= self.chunk_layers):
-            hi = min(self.sent + self.chunk_layers, upto)
+        step = self.bulk_layers if final and self.sent == 0 else self.chunk_layers
+        while self.sent < upto and (final or upto - self.sent >= step):
+            hi = min(self.sent + step, upto)
             self._locked(self._send_layers, src, self.sent, hi)
             self.sent = hi
+        if self.sent == self.layout.num_layers and not self.ended:
+            self._locked(self._all_sent)  # with the last chunk: the answer can come while the prefill ends
+
+    def _all_sent(self) -> None:
+        """Every layer is out (enqueued). A receiver that can then finish on its own is told here (set
+        `ended`: abort is then too late). Caller holds pair.lock."""
 
     def _fail(self, e: BaseException) -> BaseException:
         """Drop the link unless the receiver merely rejected; return the error for the caller."""
@@ -183,7 +195,7 @@ class PairedSendStream(KVSendStream):
         if self.done:
             return
         self.done = True
-        if self.started and self.error is None:
+        if self.started and not self.ended and self.error is None:
             try:
                 self._abort()
             except BaseException as e:
@@ -195,6 +207,13 @@ class PairedTransport(KVTransport):
 
     _stream_type: ClassVar[type[PairedSendStream]]
     streams_layers: ClassVar[bool] = True  # False: the data moves synchronously, so all of it at finish()
+    # Copies and NCCL kernels go on high-priority streams: they use few SMs but must not queue behind a
+    # prefill's (or a decode step's) kernels, or the transfer lags the compute it should hide behind.
+    high_priority: ClassVar[bool] = True
+
+    def side_stream(self) -> torch.cuda.Stream:
+        """A stream of our own for copies, at high priority (see `high_priority`)."""
+        return torch.cuda.Stream(self.cache.device, priority=-1 if self.high_priority else 0)
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
                  chunk_bytes: int = CHUNK_BYTES) -> None:

@@ -94,6 +94,9 @@ class _IpcSendStream(PairedSendStream):
         with torch.cuda.stream(link.stream):
             copy_blocks(cache, link.peer_cache, *self.idx, lo, hi)
 
+    def _all_sent(self) -> None:
+        pass  # the receiver cannot see our copies land: "done" follows once our stream has drained
+
     def _done(self, ok: bool, error: str | None) -> dict[str, Any]:
         assert self.link.stream is not None
         wait_stream(self.link.stream, self.deadline or 0.0)  # on timeout the link drops; the claim lapses
@@ -204,7 +207,7 @@ class CudaIpcTransport(PairedTransport):
             ctl.close()
             raise
         peer = torch.from_dlpack(flat).view(self.layout.dtype).view(shape)
-        return _IpcLink(ctl=ctl, peer_ptr=base, peer_cache=peer, stream=torch.cuda.Stream(self.cache.device))
+        return _IpcLink(ctl=ctl, peer_ptr=base, peer_cache=peer, stream=self.side_stream())
 
     def _close_link(self, link: Link, polite: bool) -> None:
         """Unmap the peer's cache (once our copies are done) and drop the control connection."""

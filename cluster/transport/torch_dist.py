@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, TypeVar
 
@@ -36,28 +36,15 @@ import torch
 import torch.distributed as dist
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import Link, PairedSendStream, PairedTransport, wait_stream
+from cluster.transport._dist_receiver import DistReceiver, first_line, td
+from cluster.transport._paired import Link, PairedSendStream, PairedTransport
 from cluster.transport._sock_ctl import CtlConn, CtlListener
-from cluster.transport.base import TransportError, TransportRejected, _Expected, parse_endpoint
+from cluster.transport.base import TransportError, TransportRejected, parse_endpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NCCL_PG_TIMEOUT = timedelta(hours=1)  # the watchdog's; every wait we do has its own, shorter timeout
-_DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8,
-                               torch.int8, torch.int16, torch.int32, torch.int64)}
-if hasattr(torch, "float8_e4m3fn"):
-    _DTYPES.update({str(t): t for t in (torch.float8_e4m3fn, torch.float8_e5m2)})
-
-
-def _td(seconds: float) -> timedelta:
-    return timedelta(seconds=max(seconds, 0.001))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def _bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     """Run `fn` on a helper thread; TransportError if it has not returned within `timeout_s` (for process
     group set-up, which can block on a peer that is alive but stuck; the abandoned call stays on its
@@ -87,19 +74,6 @@ class _DistLink(Link):
     stream: torch.cuda.Stream | None = None  # where the sender gathers and sends
 
 
-@dataclass
-class _InTransfer:
-    """Receiver side of one transfer on a pair."""
-
-    rid: str
-    dtype: torch.dtype
-    dst: torch.Tensor  # block ids on the cache's device
-    ticket: _Expected | None  # None: rejected at "begin" (its data is drained)
-    reason: str
-    deadline: float
-    bufs: list[torch.Tensor] = field(default_factory=list)
-
-
 class _DistSendStream(PairedSendStream):
     t: _TorchDistTransport
     link: _DistLink
@@ -122,15 +96,18 @@ class _DistSendStream(PairedSendStream):
         link.ctl.send({"op": "chunk", "seq": self.seq, "lo": lo, "hi": hi, "numel": numel})
         if link.stream is None:  # gloo: synchronous, through host memory
             data = self.layout.gather(cache, self.src_idx, (lo, hi)).reshape(-1).cpu()
-            link.pg.send([data], 1, 0).wait(_td(self.left()))
+            link.pg.send([data], 1, 0).wait(td(self.left()))
             return
         link.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
         with torch.cuda.stream(link.stream):
             self.bufs.append(self.layout.gather(cache, self.src_idx, (lo, hi)).view(-1))
             link.pg.send([self.bufs[-1]], 1, 0)
 
-    def _end(self, op: str, deadline: float) -> dict[str, Any]:
-        self._locked(self.link.ctl.send, {"op": op, "seq": self.seq})
+    def _all_sent(self) -> None:
+        self.link.ctl.send({"op": "end", "seq": self.seq})
+        self.ended = True
+
+    def _reply(self, deadline: float) -> dict[str, Any]:
         try:
             return self.link.await_reply(self.seq, deadline)
         finally:
@@ -138,7 +115,7 @@ class _DistSendStream(PairedSendStream):
 
     def _complete(self) -> None:
         assert self.deadline is not None
-        reply = self._end("end", self.deadline)
+        reply = self._reply(self.deadline)
         status, endpoint = reply.get("status"), self.pair.endpoint
         if status == "ok":
             return
@@ -147,10 +124,11 @@ class _DistSendStream(PairedSendStream):
         raise TransportError(f"KV receiver {endpoint} failed {self.rid!r}: {reply.get('error')}")
 
     def _abort(self) -> None:
-        self._end("abort", time.monotonic() + min(self.timeout_s, 5.0))
+        self._locked(self.link.ctl.send, {"op": "abort", "seq": self.seq})
+        self._reply(time.monotonic() + min(self.timeout_s, 5.0))
 
 
-class _TorchDistTransport(PairedTransport):
+class _TorchDistTransport(DistReceiver, PairedTransport):
     backend: ClassVar[str]
     _stream_type = _DistSendStream
 
@@ -168,8 +146,11 @@ class _TorchDistTransport(PairedTransport):
     def _new_pg(self, store: dist.Store, pair: int, rank: int, timeout_s: float) -> Any:
         prefixed = dist.PrefixStore(f"pg/{pair}/", store)
         if self.backend == "gloo":
-            return dist.ProcessGroupGloo(prefixed, rank, 2, _td(timeout_s))
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, _NCCL_PG_TIMEOUT)
+            return dist.ProcessGroupGloo(prefixed, rank, 2, td(timeout_s))
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = self.high_priority
+        opts._timeout = _NCCL_PG_TIMEOUT
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
 
     def _join(self, host: str, port: int, pair: int, rank: int, timeout_s: float) -> Any:
         """Build the pair's group and exchange one element (creates NCCL's communicator now)."""
@@ -177,7 +158,7 @@ class _TorchDistTransport(PairedTransport):
         def join() -> Any:
             if self._cuda:
                 torch.cuda.set_device(self.cache.device)
-            store = dist.TCPStore(host, port, is_master=False, timeout=_td(timeout_s))
+            store = dist.TCPStore(host, port, is_master=False, timeout=td(timeout_s))
             pg = self._new_pg(store, pair, rank, timeout_s)
             one = torch.zeros(1, device=self.cache.device if self._cuda else "cpu")
             work = pg.send([one], 1, 0) if rank == 0 else pg.recv([one], 0, 0)
@@ -185,7 +166,7 @@ class _TorchDistTransport(PairedTransport):
                 work.wait()
                 torch.cuda.current_stream().synchronize()
             else:
-                work.wait(_td(timeout_s))
+                work.wait(td(timeout_s))
             return pg
 
         return _bounded(join, timeout_s, f"KV pair {pair}: joining the process group")
@@ -219,105 +200,9 @@ class _TorchDistTransport(PairedTransport):
                 self._listener = CtlListener(self.host, self._serve_pair, name=f"kv-{self.backend}")
             return self._listener.endpoint
 
-    def _serve_pair(self, conn: CtlConn) -> None:
-        """One sender's connection, on its own thread: pair, then receive transfers until it ends."""
-        msg = conn.recv(30.0)
-        store = self._store
-        if msg.get("op") != "pair" or store is None:
-            return
-        pair, timeout_s = next(self._pair_ids), float(msg["timeout"])
-        conn.send({"pair": pair, "store_port": int(store.port)})
-        pg, transfers = None, {}
-        stream = torch.cuda.Stream(self.cache.device) if self._cuda else None
-        try:
-            pg = self._join(self.host, int(store.port), pair, 1, timeout_s)
-            while True:
-                deadline = min((t.deadline for t in transfers.values()), default=None)
-                try:
-                    msg = conn.recv(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-                except TimeoutError:
-                    raise TransportError("a transfer did not complete in time") from None
-                op, seq = msg["op"], int(msg.get("seq", 0))
-                if op == "bye":
-                    return
-                if op == "begin":
-                    transfers[seq] = self._begin_in(msg)
-                elif op == "chunk":
-                    self._recv_chunk(pg, stream, transfers[seq], msg)
-                elif op in ("end", "abort"):
-                    reply = self._end_in(stream, transfers[seq], op == "end")
-                    del transfers[seq]
-                    conn.send({"seq": seq, **reply})
-        except Exception as e:
-            log.warning("KV %s pair %d closed: %s", self.backend, pair, _first_line(e))
-        finally:
-            self._drop_pg(pg, wait_s=5.0)
-            self._fail_in_flight(stream, transfers)
-
-    def _fail_in_flight(self, stream: torch.cuda.Stream | None, transfers: dict[int, _InTransfer]) -> None:
-        """After a broken pair: claimed transfers go back to EXPECTED once no scatter can still run; if
-        the stream does not drain, their claims lapse at their deadlines (forget() waits that long)."""
-        claimed = [t for t in transfers.values() if t.ticket is not None]
-        if not claimed:
-            return
-        if stream is not None:
-            try:
-                wait_stream(stream, time.monotonic() + 5.0)
-            except TransportError:
-                return
-        for t in claimed:
-            assert t.ticket is not None
-            self._finish(t.rid, t.ticket, False, "the sender's connection broke mid-transfer")
-
-    def _begin_in(self, msg: dict[str, Any]) -> _InTransfer:
-        rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
-        dtype = _DTYPES.get(msg["dtype"])
-        if dtype is None:  # cannot even size its chunks
-            raise TransportError(f"unsupported dtype {msg['dtype']!r}; cannot stay in sync")
-        lay = self.layout
-        deadline = time.monotonic() + float(msg["timeout"]) + self._recv_grace_s
-        ticket, reason = None, ""
-        try:
-            if dtype != lay.dtype or list(msg["block"]) != [lay.block_size, lay.num_kv_heads, lay.head_dim]:
-                raise TransportRejected(f"layout mismatch: sender {msg['dtype']} blocks {msg['block']}, receiver {lay}")
-            ticket = self._claim(rid, len(dst), dst, deadline - time.monotonic())
-        except TransportRejected as e:
-            reason = str(e)
-        idx = torch.as_tensor(dst, dtype=torch.long, device=self.cache.device)
-        return _InTransfer(rid, dtype, idx, ticket, reason, deadline)
-
-    def _recv_chunk(self, pg: Any, stream: torch.cuda.Stream | None, t: _InTransfer, msg: dict[str, Any]) -> None:
-        lo, hi, numel = int(msg["lo"]), int(msg["hi"]), int(msg["numel"])
-        shape = (hi - lo, 2, len(t.dst), *self.cache.shape[3:])
-        if stream is None:  # gloo: on the CPU, synchronously
-            buf = torch.empty(numel, dtype=t.dtype)
-            pg.recv([buf], 0, 0).wait(_td(t.deadline - time.monotonic()))
-            if t.ticket is not None:
-                self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
-            return
-        with torch.cuda.stream(stream):
-            buf = torch.empty(numel, dtype=t.dtype, device=self.cache.device)
-            pg.recv([buf], 0, 0).wait()  # the stream waits for the data; this thread does not
-            if t.ticket is not None:
-                self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
-        t.bufs.append(buf)
-
-    def _end_in(self, stream: torch.cuda.Stream | None, t: _InTransfer, delivered: bool) -> dict[str, Any]:
-        if stream is not None:
-            wait_stream(stream, t.deadline)
-        t.bufs.clear()
-        if t.ticket is None:
-            return {"status": "rejected", "error": t.reason}
-        if not delivered:
-            self._finish(t.rid, t.ticket, False, "the sender aborted the transfer")
-            return {"status": "aborted"}
-        if self._finish(t.rid, t.ticket, True):
-            return {"status": "ok"}
-        return {"status": "late", "error": "the claim lapsed before the data arrived"}
-
     # --- sender -------------------------------------------------------------------------------------
     def _describe(self, e: BaseException) -> str:
-        return _first_line(e)
+        return first_line(e)
 
     def _connect(self, endpoint: str, deadline: float) -> _DistLink:
         ctl = CtlConn.connect(endpoint, self._left(deadline))
@@ -332,7 +217,7 @@ class _TorchDistTransport(PairedTransport):
         except BaseException:
             ctl.close()
             raise
-        return _DistLink(ctl=ctl, pg=pg, stream=torch.cuda.Stream(self.cache.device) if self._cuda else None)
+        return _DistLink(ctl=ctl, pg=pg, stream=self.side_stream() if self._cuda else None)
 
     def _close_link(self, link: Link, polite: bool) -> None:
         assert isinstance(link, _DistLink)
