@@ -8,6 +8,7 @@ answers as soon as its data is in, so this thread never waits for data and trans
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import wait_stream
+from cluster.transport._paired import device_ids, wait_stream
 from cluster.transport._sock_ctl import CtlConn
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
@@ -104,7 +105,7 @@ class DistReceiver:
                     return
                 if op == "begin":
                     with lock:
-                        transfers[seq] = self._begin_in(msg)
+                        transfers[seq] = self._begin_in(msg, stream)
                 elif op == "chunk":
                     self._recv_chunk(pg, stream, transfers[seq], msg)
                 elif op in ("end", "abort"):
@@ -163,7 +164,7 @@ class DistReceiver:
             assert t.ticket is not None
             self._finish(t.rid, t.ticket, False, "the sender's connection broke mid-transfer")
 
-    def _begin_in(self, msg: dict[str, Any]) -> _InTransfer:
+    def _begin_in(self, msg: dict[str, Any], stream: torch.cuda.Stream | None) -> _InTransfer:
         rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
         dtype = DTYPES.get(msg["dtype"])
         if dtype is None:  # cannot even size its chunks
@@ -177,7 +178,8 @@ class DistReceiver:
             ticket = self._claim(rid, len(dst), dst, deadline - time.monotonic())
         except TransportRejected as e:
             reason = str(e)
-        idx = torch.as_tensor(dst, dtype=torch.long, device=self.cache.device)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            idx = device_ids(dst, self.cache.device)  # ordered before this pair's scatters
         return _InTransfer(rid, dtype, idx, ticket, reason, deadline)
 
     def _recv_chunk(self, pg: Any, stream: torch.cuda.Stream | None, t: _InTransfer, msg: dict[str, Any]) -> None:

@@ -39,6 +39,15 @@ def wait_stream(stream: torch.cuda.Stream, deadline: float) -> None:
         time.sleep(2e-5)
 
 
+def device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Block ids as an int64 tensor on `device`, copied on the current stream WITHOUT blocking the CPU (a
+    pageable copy would wait for the stream to drain: mid-forward, that stalls the model's launches)."""
+    host = torch.tensor(ids, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(eq=False)
 class Link:
     """One connection to a receiver. Replies arrive by sequence number; whoever waits reads for everyone."""

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import Link, PairedSendStream, PairedTransport, wait_stream
+from cluster.transport._paired import Link, PairedSendStream, PairedTransport, device_ids, wait_stream
 from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
@@ -87,11 +87,10 @@ class _IpcSendStream(PairedSendStream):
 
         cache, link = self.t.cache, self.link
         assert link.stream is not None and link.peer_cache is not None
-        if self.idx is None:
-            self.idx = (torch.as_tensor(src, dtype=torch.long, device=cache.device),
-                        torch.as_tensor(self.dst, dtype=torch.long, device=cache.device))
         link.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
         with torch.cuda.stream(link.stream):
+            if self.idx is None:
+                self.idx = device_ids(src, cache.device), device_ids(self.dst, cache.device)
             copy_blocks(cache, link.peer_cache, *self.idx, lo, hi)
 
     def _all_sent(self) -> None:

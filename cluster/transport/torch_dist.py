@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport._dist_receiver import DistReceiver, first_line, td
-from cluster.transport._paired import Link, PairedSendStream, PairedTransport
+from cluster.transport._paired import Link, PairedSendStream, PairedTransport, device_ids
 from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import TransportError, TransportRejected, parse_endpoint
 
@@ -90,16 +90,16 @@ class _DistSendStream(PairedSendStream):
 
     def _send_layers(self, src: list[int], lo: int, hi: int) -> None:
         cache, link = self.t.cache, self.link
-        if self.src_idx is None:
-            self.src_idx = torch.as_tensor(src, dtype=torch.long, device=cache.device)
         numel = (hi - lo) * cache[0, 0, 0].numel() * 2 * len(src)
         link.ctl.send({"op": "chunk", "seq": self.seq, "lo": lo, "hi": hi, "numel": numel})
         if link.stream is None:  # gloo: synchronous, through host memory
-            data = self.layout.gather(cache, self.src_idx, (lo, hi)).reshape(-1).cpu()
+            data = self.layout.gather(cache, src, (lo, hi)).reshape(-1).cpu()
             link.pg.send([data], 1, 0).wait(td(self.left()))
             return
         link.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
         with torch.cuda.stream(link.stream):
+            if self.src_idx is None:
+                self.src_idx = device_ids(src, cache.device)
             self.bufs.append(self.layout.gather(cache, self.src_idx, (lo, hi)).view(-1))
             link.pg.send([self.bufs[-1]], 1, 0)
 
