@@ -115,6 +115,7 @@ class PairedSendStream(KVSendStream):
         self.chunk_layers = max(1, transport.chunk_bytes // per_layer)
         self.bulk_layers = max(1, BULK_CHUNKS * transport.chunk_bytes // per_layer)
         self.ended = False  # the receiver was told that every layer is out (see _all_sent)
+        self.streaming = False  # the current chunks go out beside a running prefill
 
     def left(self) -> float:
         assert self.deadline is not None
@@ -159,7 +160,8 @@ class PairedSendStream(KVSendStream):
             self.started = True
         if not self.dst:
             self.sent = upto
-        step = self.bulk_layers if final and self.sent == 0 else self.chunk_layers
+        self.streaming = not (final and self.sent == 0)  # else everything goes at once, as fast as it can
+        step = self.chunk_layers if self.streaming else self.bulk_layers
         while self.sent < upto and (final or upto - self.sent >= step):
             hi = min(self.sent + step, upto)
             self._locked(self._send_layers, src, self.sent, hi)

@@ -37,6 +37,7 @@ from cluster.transport._paired import Link, PairedSendStream, PairedTransport, d
 from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
+STREAMING_PROGRAMS = 16  # thread blocks per copy beside a prefill (of 132 SMs on an H100/H200)
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 
 
@@ -91,7 +92,8 @@ class _IpcSendStream(PairedSendStream):
         with torch.cuda.stream(link.stream):
             if self.idx is None:
                 self.idx = device_ids(src, cache.device), device_ids(self.dst, cache.device)
-            copy_blocks(cache, link.peer_cache, *self.idx, lo, hi)
+            copy_blocks(cache, link.peer_cache, *self.idx, lo, hi,
+                        max_programs=STREAMING_PROGRAMS if self.streaming else None)
 
     def _all_sent(self) -> None:
         pass  # the receiver cannot see our copies land: "done" follows once our stream has drained
