@@ -9,11 +9,18 @@ from cluster.engine import LLM, LLMEngine, SamplingParams
 from tests.test_engine_parity import ragged_prompts
 
 
-def run_split(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]],
-              params: SamplingParams) -> list[list[int]]:
-    first: dict[str, int] = {}
+def run_split(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], params: SamplingParams,
+              layer_streamed: bool = False) -> list[list[int]]:
+    """Prefill everything, move the KV (after the prefill, or layer by layer during it through
+    `LLMEngine.stream_kv`), decode; returns each prompt's tokens."""
+    sinks: dict[str, LayerCopier] = {}
     for i, p in enumerate(prompts):
-        prefill.add_request(f"q{i}", p, params, prefill_only=True)
+        rid = f"q{i}"
+        prefill.add_request(rid, p, params, prefill_only=True)
+        if layer_streamed:
+            sinks[rid] = LayerCopier(prefill, decode, decode.reserve(rid, len(p)))
+            prefill.stream_kv(rid, sinks[rid])
+    first: dict[str, int] = {}
     while prefill.has_unfinished():
         for out in prefill.step():
             assert out.finished and out.finish_reason == "prefilled"
@@ -23,9 +30,12 @@ def run_split(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]],
         rid = f"q{i}"
         src, n_tokens = prefill.prefilled_blocks(rid)
         assert n_tokens == len(p)
-        dst = decode.reserve(rid, n_tokens)
-        assert dst is not None
-        decode.kv_layout.scatter(decode.kv_cache, dst, prefill.kv_layout.gather(prefill.kv_cache, src))
+        if layer_streamed:  # once per layer, only in the forward that completed the prompt
+            assert sinks[rid].calls == list(range(1, prefill.spec.num_layers + 1))
+        else:
+            dst = decode.reserve(rid, n_tokens)
+            assert dst is not None
+            decode.kv_layout.scatter(decode.kv_cache, dst, prefill.kv_layout.gather(prefill.kv_cache, src))
         prefill.release_prefilled(rid)
         decode.add_prefilled_request(rid, p, first[rid], params)
         results[rid] = [first[rid]]
@@ -111,28 +121,4 @@ def test_layer_streamed_split_matches_generate(tiny_llama, chunked):
     limits = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16} if chunked else {}
     prefill = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=128, **limits))
     decode = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=200))
-    sinks = {}
-    for i, p in enumerate(prompts):
-        rid = f"q{i}"
-        dst = decode.reserve(rid, len(p))
-        sinks[rid] = LayerCopier(prefill, decode, dst)
-        prefill.add_request(rid, p, params, prefill_only=True)
-        prefill.stream_kv(rid, sinks[rid])
-    first = {}
-    while prefill.has_unfinished():
-        for out in prefill.step():
-            first[out.request_id] = out.new_token_ids[0]
-    layers = prefill.spec.num_layers
-    results = {}
-    for i, p in enumerate(prompts):
-        rid = f"q{i}"
-        assert sinks[rid].calls == list(range(1, layers + 1))  # once per layer, only in the last chunk
-        prefill.release_prefilled(rid)
-        decode.add_prefilled_request(rid, p, first[rid], params)
-        results[rid] = [first[rid]]
-    while decode.has_unfinished():
-        for out in decode.step():
-            results[out.request_id].extend(out.new_token_ids)
-    assert [results[f"q{i}"] for i in range(len(prompts))] == expected
-    prefill.check_block_accounting()
-    decode.check_block_accounting()
+    assert run_split(prefill, decode, prompts, params, layer_streamed=True) == expected

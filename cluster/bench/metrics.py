@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
+# The server's own breakdown of each request (pdserve.Timing, final message): where the TTFT went.
+SERVER_KEYS = ("queue_ms", "prefill_ms", "kv_handoff_ms", "first_decode_step_ms")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -55,6 +57,7 @@ class RequestRecord:
     num_output_tokens: int = 0
     end: float | None = None
     error: str | None = None
+    server_ms: dict[str, float] | None = None  # SERVER_KEYS from the final message's timing
 
     @property
     def ok(self) -> bool:
@@ -133,6 +136,7 @@ def serve_metrics(records: Sequence[RequestRecord], duration_s: float, slo: dict
         "total_token_throughput": (in_tokens + out_tokens) / dur,
         "ttft_ms": summarize(ms(r.ttft for r in done)), "tpot_ms": summarize(ms(r.tpot for r in done)),
         "itl_ms": summarize(ms(x for r in done for x in r.itls)), "e2e_ms": summarize(ms(r.e2e for r in done)),
+        "server_ms": {k: summarize([r.server_ms[k] for r in done if r.server_ms]) for k in SERVER_KEYS},
         "slo": dict(slo), "num_good": len(good),
         "slo_attainment": len(good) / len(records) if records else math.nan,
         "goodput": len(good) / dur,

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cluster.bench.metrics import (
+    SERVER_KEYS,
     RequestRecord,
     arrival_times,
     inter_token_latencies,
@@ -45,6 +46,8 @@ async def send_one(client: Any, prompt: list[int], max_tokens: int, temperature:
                 if delta.token_ids:
                     rec.delta_times.append(time.perf_counter())
                     rec.num_output_tokens += len(delta.token_ids)
+                if delta.timing is not None:
+                    rec.server_ms = {k: getattr(delta.timing, k) for k in SERVER_KEYS}
         rec.end = time.perf_counter()
         if rec.num_output_tokens != max_tokens:
             rec.error = f"got {rec.num_output_tokens} tokens, asked for {max_tokens} with ignore_eos"
@@ -87,7 +90,7 @@ def request_rows(records: list[RequestRecord]) -> list[dict[str, Any]]:
     ms = lambda x: None if x is None else x * 1e3
     return [{"prompt_len": r.prompt_len, "max_tokens": r.max_tokens, "output_tokens": r.num_output_tokens,
              "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot), "e2e_ms": ms(r.e2e), "num_deltas": len(r.delta_times),
-             "error": r.error} for r in records]
+             "server_ms": r.server_ms, "error": r.error} for r in records]
 
 
 async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
@@ -145,6 +148,8 @@ def sweep_point(rate: float, m: dict[str, Any]) -> dict[str, Any]:
     point: dict[str, Any] = {"rate": rate, **{k: m[k] for k in keys}}
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         point.update({f"{name}_{q}": m[name][q] for q in ("mean", "p50", "p90", "p99")})
+    for name in SERVER_KEYS:
+        point.update({f"server_{name}_{q}": m["server_ms"][name][q] for q in ("p50", "p90")})
     return point
 
 

@@ -116,6 +116,7 @@ class PairedSendStream(KVSendStream):
         self.bulk_layers = max(1, BULK_CHUNKS * transport.chunk_bytes // per_layer)
         self.ended = False  # the receiver was told that every layer is out (see _all_sent)
         self.streaming = False  # the current chunks go out beside a running prefill
+        self._state = threading.Lock()  # orders layers_ready against abort/finish from other threads
 
     def left(self) -> float:
         assert self.deadline is not None
@@ -183,17 +184,19 @@ class PairedSendStream(KVSendStream):
         return TransportError(f"KV send of {self.rid!r} to {self.pair.endpoint} failed: {self.t._describe(e)}")
 
     def layers_ready(self, src_block_ids: list[int], upto: int) -> None:
-        if self.error is not None or self.done or not self.t.streams_layers:
-            return
-        try:
-            self._advance(src_block_ids, upto, final=upto >= self.layout.num_layers)
-        except BaseException as e:  # kept for finish(): the model thread must not fail
-            self.error = self._fail(e)
+        with self._state:  # an abort() from another thread waits for this chunk, then nothing follows it
+            if self.error is not None or self.done or not self.t.streams_layers:
+                return
+            try:
+                self._advance(src_block_ids, upto, final=upto >= self.layout.num_layers)
+            except BaseException as e:  # kept for finish(): the model thread must not fail
+                self.error = self._fail(e)
 
     def finish(self, src_block_ids: list[int]) -> None:
-        if self.done:
-            raise RuntimeError("finish() or abort() was already called")
-        self.done = True
+        with self._state:
+            if self.done:
+                raise RuntimeError("finish() or abort() was already called")
+            self.done = True
         if self.error is not None:
             raise self.error
         try:
@@ -203,10 +206,12 @@ class PairedSendStream(KVSendStream):
             raise self._fail(e) from e
 
     def abort(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.started and not self.ended and self.error is None:
+        with self._state:
+            if self.done:
+                return
+            self.done = True
+            tell = self.started and not self.ended and self.error is None
+        if tell:  # outside the lock: a model thread calling layers_ready must never wait for the receiver
             try:
                 self._abort()
             except BaseException as e:
