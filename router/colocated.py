@@ -55,7 +55,7 @@ class ColocatedOrchestrator(Orchestrator):
             final = pb.Final(
                 usage=pb.Usage(prompt_tokens=len(v.token_ids), cached_prompt_tokens=pt.num_cached_tokens),
                 timing=pb.Timing(queue_ms=ms_since(t0, t_call) + pt.queue_ms, prefill_ms=pt.prefill_ms,
-                                 kv_handoff_ms=0.0, ttft_ms=ms_since(t0)),
+                                 kv_handoff_ms=0.0, ttft_ms=ms_since(t0), placement_ms=ms_since(t0, t_call)),
                 prefill_worker=info.worker_id, decode_worker=info.worker_id)
             async for delta in relay(call, what("generate", info), first, final, cfg.decode_chunk_timeout_s):
                 yield pb.GenerateResponse(request_id=rid, delta=delta)

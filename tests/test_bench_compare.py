@@ -29,7 +29,7 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path):
         # the server's own TTFT breakdown is kept per request and summarized per rate
         assert all(p["server_prefill_ms_p50"] > 0 and p["server_queue_ms_p90"] >= 0 for p in data["points"])
         rows = [r for rows in data["requests"].values() for r in rows]
-        assert all(r["server_ms"]["prefill_ms"] > 0 for r in rows)
+        assert all(r["server_ms"]["prefill_ms"] > 0 and r["server_ms"]["placement_ms"] > 0 for r in rows)
     handoff = [p["server_kv_handoff_ms_p50"] for p in result["modes"]["colocated"]["points"]]
     assert handoff == [0.0, 0.0]  # no KV moves in colocated mode
     assert all(p["server_kv_handoff_ms_p90"] > 0 for p in result["modes"]["disaggregated"]["points"])

@@ -136,7 +136,8 @@ def run_compare_bench(args: argparse.Namespace) -> int:
               f"goodput rate {data['goodput_rate']}")
         for p in data["points"]:
             print(f"  rate {rate_label(p['rate'])}: {100 * p['slo_attainment']:.0f}% meet SLOs, TTFT p90 "
-                  f"{p['ttft_ms_p90']:.0f} ms (p90 of queue {p['server_queue_ms_p90']:.0f}, prefill "
+                  f"{p['ttft_ms_p90']:.0f} ms (p90 of router {p['server_placement_ms_p90']:.0f}, queue "
+                  f"{p['server_queue_ms_p90']:.0f}, prefill "
                   f"{p['server_prefill_ms_p90']:.0f}, handoff {p['server_kv_handoff_ms_p90']:.1f}), TPOT p90 "
                   f"{p['tpot_ms_p90']:.1f} ms, {p['failed']} failed")
     print(f"wrote {folder}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 # The server's own breakdown of each request (pdserve.Timing, final message): where the TTFT went.
-SERVER_KEYS = ("queue_ms", "prefill_ms", "kv_handoff_ms", "first_decode_step_ms")
+SERVER_KEYS = ("placement_ms", "queue_ms", "prefill_ms", "kv_handoff_ms", "first_decode_step_ms")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -41,10 +41,12 @@ class Timing:
     first_decode_step_ms: float = 0.0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
+    placement_ms: float = 0.0  # the router's part of queue_ms (validation, placement, decode reservation)
 
     @classmethod
     def from_proto(cls, m: pb.Timing) -> Timing:
-        return cls(m.queue_ms, m.prefill_ms, m.kv_handoff_ms, m.first_decode_step_ms, m.ttft_ms, m.total_ms)
+        return cls(m.queue_ms, m.prefill_ms, m.kv_handoff_ms, m.first_decode_step_ms, m.ttft_ms, m.total_ms,
+                   m.placement_ms)
 
 
 @dataclass(frozen=True)
