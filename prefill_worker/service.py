@@ -62,7 +62,7 @@ class PrefillServicer(WorkerServicerBase):
             if out.finish_reason == FINISH_PREFILLED:
                 if len(dest.block_ids) == 0:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no KV destination blocks given")
-                src, _ = await self.loop.acall(lambda e: e.prefilled_blocks(rid))
+                src = out.kv_block_ids or []  # with the output: asking the engine would wait out its next step
                 if len(src) != len(dest.block_ids):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")

@@ -24,6 +24,7 @@ def run_split(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], p
     while prefill.has_unfinished():
         for out in prefill.step():
             assert out.finished and out.finish_reason == "prefilled"
+            assert out.kv_block_ids == prefill.prefilled_blocks(out.request_id)[0]  # handed over with the output
             first[out.request_id] = out.new_token_ids[0]
     results: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):

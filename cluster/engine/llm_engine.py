@@ -21,7 +21,7 @@ from cluster.engine.kv_layout import KVLayout
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.models.loader import build_model, read_model_spec
 from cluster.engine.output_processor import OutputProcessor
-from cluster.engine.outputs import FINISH_ABORT, StepOutput
+from cluster.engine.outputs import FINISH_ABORT, FINISH_PREFILLED, StepOutput
 from cluster.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from cluster.engine.sequence import Sequence
 from cluster.sampling_params import SamplingParams
@@ -212,7 +212,7 @@ class LLMEngine:
                 continue
             out = self.outputs.append_token(seq, token, logprobs)
             if out.finished:
-                self._finish(seq)
+                self._finish(seq, out)
             outs.append(out)
         return outs
 
@@ -231,10 +231,12 @@ class LLMEngine:
 
         return on_layer
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, out: StepOutput) -> None:
         self._kv_sinks.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
         if seq.prefill_only and seq.finish_reason is not None and seq.finish_reason != FINISH_ABORT:
+            if seq.finish_reason == FINISH_PREFILLED:  # the caller needs them at once, not a step later
+                out.kv_block_ids = list(seq.block_table)
             self.scheduler.running.remove(seq)
             self._prefilled[seq.request_id] = seq  # blocks stay until release_prefilled
         else:

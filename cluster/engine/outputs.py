@@ -21,6 +21,7 @@ class StepOutput:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0
+    kv_block_ids: list[int] | None = None  # finish "prefilled": the blocks holding the prompt's KV (held)
 
 
 @dataclass
