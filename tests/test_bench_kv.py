@@ -133,3 +133,14 @@ def test_bench_kv_prefill_cpu(tmp_path: Path, tiny_llama: Path, capsys: pytest.C
     assert min(row["prefill_ms"], row["streamed_ms"], row["bulk_ms"]) > 0
     assert {k: len(v) for k, v in row["times_ms"].items()} == {"alone": 2, "streamed": 2, "bulk": 2}
     assert row["exposed_streamed_ms"] == pytest.approx(row["streamed_ms"] - row["prefill_ms"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_kv_receiver_busy(tmp_path: Path):
+    """--receiver-busy spins a pure-Python thread in the receiver; --switch-interval-ms applies to both."""
+    rc = main(["bench", "kv", "--shape", "tiny", "--prompt-len", "32", "--transport", "gloo", "--dtype", "float32",
+               "--repeats", "2", "--receiver-busy", "--switch-interval-ms", "0.5", "--out", str(tmp_path)])
+    assert rc == 0
+    r = _result(tmp_path)
+    assert r["receiver_busy"] is True and r["switch_interval_ms"] == 0.5 and r["problems"] == []
+    assert r["results"][0]["verified"] is True

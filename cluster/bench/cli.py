@@ -103,6 +103,11 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--send-timeout", type=float, default=300.0, help="seconds per send")
     p.add_argument("--deadline", type=float, default=1200.0, help="seconds for the whole run before giving up")
+    p.add_argument("--receiver-busy", action="store_true",
+                   help="run a pure-Python busy thread in the receiver (a decode worker's engine loop holds the GIL "
+                        "like this): how much the handoff's control path suffers from GIL contention")
+    p.add_argument("--switch-interval-ms", type=float,
+                   help="sys.setswitchinterval in both processes (default: Python's 5 ms)")
     p.add_argument("--prefill", action="store_true",
                    help="also time each prompt's prefill on the sender (--model with weights): alone, with the KV "
                         "streamed layer by layer, and with one send after it")

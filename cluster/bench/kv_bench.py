@@ -211,7 +211,8 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                 transports=tuple(transports), prompt_lens=tuple(prompt_lens), warmup=args.warmup,
                 repeats=args.repeats, min_repeats=args.min_repeats, case_budget_s=args.case_budget_s,
                 send_timeout_s=args.send_timeout, seed=args.seed,
-                prefill_model=str(args.model) if args.prefill else None)
+                prefill_model=str(args.model) if args.prefill else None, receiver_busy=args.receiver_busy,
+                switch_interval_s=args.switch_interval_ms / 1e3 if args.switch_interval_ms else None)
     meta = metadata("kv", args, args.device, args.model)
     t0 = time.perf_counter()
     out = _spawn(plan, args.deadline)
@@ -228,6 +229,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                     "names": [device_name(d) for d in devices]},
         "raw_backend": raw_backend,
         "raw_method": "one contiguous tensor sender->receiver + 1-element ack back, same processes/devices",
+        "receiver_busy": args.receiver_busy, "switch_interval_ms": args.switch_interval_ms,
         "wall_s": wall, "raw": raw_rows, "results": rows, "prefill": prefill, "problems": problems,
     }
     path = write_json(run_dir(args.out, "kv") / "result.json", result)

@@ -13,6 +13,8 @@ sender knows the receiver holds the bytes).
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -45,6 +47,8 @@ class Plan:
     send_timeout_s: float
     seed: int
     prefill_model: str | None = None  # with weights: also time prefill alone / streamed / bulk (kv_prefill)
+    receiver_busy: bool = False  # a pure-Python thread spins in the receiver, as a busy decode engine does
+    switch_interval_s: float | None = None  # sys.setswitchinterval in both processes (None: Python's 5 ms)
 
 
 def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_repeats: int,
@@ -95,8 +99,20 @@ def _init_group(plan: Plan, rank: int, store: dist.Store, device: torch.device) 
     _sync(device)
 
 
+def _busy_python() -> None:
+    """Hold the GIL the way a busy engine loop does: pure-Python work, no blocking calls."""
+    x = 0
+    while True:
+        for i in range(10_000):
+            x = (x + i * i) % 1_000_003
+
+
 def worker(rank: int, plan: Plan, conn: Any, results: Any) -> None:
     """Process entry point: rank 0 is the sender (puts ("result", rows) on `results`), rank 1 the receiver."""
+    if plan.switch_interval_s is not None:
+        sys.setswitchinterval(plan.switch_interval_s)
+    if rank == 1 and plan.receiver_busy:
+        threading.Thread(target=_busy_python, name="busy-python", daemon=True).start()
     try:
         device = torch.device(plan.devices[rank])
         if device.type == "cuda":

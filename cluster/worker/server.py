@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import uuid
 
 import grpc
@@ -44,6 +45,7 @@ class WorkerServer:
     async def start(self) -> str:
         """Load the model, start serving and register; returns the worker's gRPC address."""
         cfg = self.config
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)  # the whole process: one worker per process
         engine = await asyncio.to_thread(LLMEngine, cfg.engine)
         self.loop = EngineLoop(engine)
         self.servicer, endpoint = await self._make_servicer(engine, self.loop)
