@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cluster.bench.kv_bench import parse_ints, parse_transports
-from cluster.bench.kv_worker import timed_loop
+from cluster.bench.kv_plan import timed_loop
 from cluster.cli import main
 
 # tiny shape: 4 layers, 2 kv heads, head_dim 32; float32, block 16 -> 4 * 2 * 16 * 2 * 32 * 4 bytes

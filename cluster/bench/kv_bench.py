@@ -19,9 +19,10 @@ import queue
 import time
 from typing import Any
 
+from cluster.bench.kv_plan import Plan
 from cluster.bench.kv_prefill import print_prefill_table
 from cluster.bench.kv_prefill import summarize as summarize_prefill
-from cluster.bench.kv_worker import Plan, worker
+from cluster.bench.kv_worker import worker
 from cluster.bench.metrics import percentile
 from cluster.bench.report import device_name, metadata, run_dir, spec_summary, write_json
 

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cluster.bench.kv_worker import block_ids
+from cluster.bench.kv_plan import block_ids
 from cluster.bench.metrics import percentile
 
 if TYPE_CHECKING:
-    from cluster.bench.kv_worker import Plan, Sender
+    from cluster.bench.kv_plan import Plan
+    from cluster.bench.kv_worker import Sender
     from cluster.engine import LLMEngine
 
 def build_engine(plan: Plan, device: torch.device) -> LLMEngine:

@@ -18,63 +18,15 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cluster.engine.kv_layout import KVLayout
+from cluster.bench.kv_plan import Plan, block_ids, busy_python, timed_loop
 
 _CMD_TIMEOUT_S = 600.0  # the receiver's patience between commands, and the sender's for a plain answer
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What both processes need: the layout, cache size, devices and the measurement settings."""
-
-    layout: KVLayout
-    num_blocks: int
-    devices: tuple[str, str]  # sender, receiver
-    raw_backend: str
-    transports: tuple[str, ...]
-    prompt_lens: tuple[int, ...]
-    warmup: int
-    repeats: int
-    min_repeats: int
-    case_budget_s: float
-    send_timeout_s: float
-    seed: int
-    prefill_model: str | None = None  # with weights: also time prefill alone / streamed / bulk (kv_prefill)
-    receiver_busy: bool = False  # a pure-Python thread spins in the receiver, as a busy decode engine does
-    switch_interval_s: float | None = None  # sys.setswitchinterval in both processes (None: Python's 5 ms)
-
-
-def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_repeats: int,
-               budget_s: float) -> tuple[list[float], int, bool]:
-    """Run `run_once(i)` (returns seconds) `warmup` times untimed, then up to `repeats` times timed.
-
-    Slow cases are capped: warm-ups stop once they used half of `budget_s`, and the timed runs are cut to
-    what fits in `budget_s` at the fastest warm-up's pace (never below `min_repeats`).
-    Returns (timed seconds, warm-ups run, whether the repeats were capped).
-    """
-    warm: list[float] = []
-    while len(warm) < max(warmup, 1):
-        warm.append(run_once(len(warm)))
-        if sum(warm) > budget_s / 2:
-            break
-    fit = int(budget_s / max(min(warm), 1e-9))
-    reps = repeats if fit >= repeats else max(min(min_repeats, repeats), fit)
-    times = [run_once(len(warm) + i) for i in range(reps)]
-    return times, len(warm), reps < repeats
-
-
-def block_ids(plan: Plan, n: int) -> tuple[list[int], list[int]]:
-    """Seeded, scattered source and destination block ids (as in a fragmented engine cache)."""
-    g = torch.Generator().manual_seed(plan.seed + n)
-    return (torch.randperm(plan.num_blocks, generator=g)[:n].tolist(),
-            torch.randperm(plan.num_blocks, generator=g)[:n].tolist())
 
 
 def _sync(device: torch.device) -> None:
@@ -99,20 +51,12 @@ def _init_group(plan: Plan, rank: int, store: dist.Store, device: torch.device) 
     _sync(device)
 
 
-def _busy_python() -> None:
-    """Hold the GIL the way a busy engine loop does: pure-Python work, no blocking calls."""
-    x = 0
-    while True:
-        for i in range(10_000):
-            x = (x + i * i) % 1_000_003
-
-
 def worker(rank: int, plan: Plan, conn: Any, results: Any) -> None:
     """Process entry point: rank 0 is the sender (puts ("result", rows) on `results`), rank 1 the receiver."""
     if plan.switch_interval_s is not None:
         sys.setswitchinterval(plan.switch_interval_s)
     if rank == 1 and plan.receiver_busy:
-        threading.Thread(target=_busy_python, name="busy-python", daemon=True).start()
+        threading.Thread(target=busy_python, name="busy-python", daemon=True).start()
     try:
         device = torch.device(plan.devices[rank])
         if device.type == "cuda":

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import device_ids, wait_stream
 from cluster.transport._sock_ctl import CtlConn
+from cluster.transport._streams import device_ids, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,9 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import Link, PairedSendStream, PairedTransport, device_ids, wait_stream
+from cluster.transport._paired import Link, PairedSendStream, PairedTransport
 from cluster.transport._sock_ctl import CtlConn, CtlListener
+from cluster.transport._streams import device_ids, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 STREAMING_PROGRAMS = 16  # thread blocks per copy beside a prefill (of 132 SMs on an H100/H200)
