@@ -63,6 +63,8 @@ def _peer(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, kw: 
                 out = cache.cpu()
             elif cmd == "half_send":
                 keep.append(_half_send(transport, *args))
+            elif cmd == "streams":
+                _run_streams(transport, *args)
             else:
                 out = getattr(transport, cmd)(*args)
             faulthandler.cancel_dump_traceback_later()
@@ -71,6 +73,22 @@ def _peer(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, kw: 
             faulthandler.cancel_dump_traceback_later()
             conn.send(("err", f"{type(e).__name__}: {e}", time.monotonic() - t0,
                        [c.__name__ for c in type(e).__mro__], traceback.format_exc()))
+
+
+def _run_streams(transport: Any, endpoint: str, script: list[tuple[Any, ...]]) -> None:
+    """Drive send streams step by step, as a prefill's layer hook and its worker do:
+    ("open", rid, dst) | ("layers", rid, src, upto) | ("finish", rid, src) | ("abort", rid)."""
+    type(transport).streams_layers = True  # gloo streams synchronously: fine outside a forward, as here
+    streams: dict[str, Any] = {}
+    for op, rid, *args in script:
+        if op == "open":
+            streams[rid] = transport.open_send(endpoint, rid, args[0], 20.0)
+        elif op == "layers":
+            streams[rid].layers_ready(*args)
+        elif op == "finish":
+            streams[rid].finish(args[0])
+        else:
+            streams[rid].abort()
 
 
 def _half_send(transport: Any, endpoint: str, rid: str, dst: list[int], timeout_s: float) -> Any:
@@ -273,6 +291,44 @@ def _stalled_scenario(name: str, device: tuple[str, str] = ("cpu", "cpu")) -> No
 def test_transport_cpu(name: str, dtype: torch.dtype) -> None:
     # grpc: odd-sized chunks split elements; gloo: one layer per chunk (the chunked protocol of nccl too)
     _scenario(name, dtype, chunk_bytes=1001 if name == "grpc" else 1)
+
+
+@pytest.mark.timeout(60)
+def test_layer_streams_interleave_and_abort_cpu() -> None:
+    """Two handoffs streamed layer by layer on one pair, interleaved, land intact; one aborted mid-way does
+    not land, its receiver may take a retry, and the pair goes on (the chunked protocol of nccl, on gloo)."""
+    recv = Peer("gloo", torch.float32, seed=1, chunk_bytes=1)
+    sender = Peer("gloo", torch.float32, seed=2, chunk_bytes=1)
+    try:
+        endpoint, _ = recv.call("listen")
+        expected, src_cache = _initial_cache(torch.float32, 1), _initial_cache(torch.float32, 2)
+        plan = {"a": ([3, 4], [10, 11]), "b": ([5], [12]), "c": ([6, 7], [13, 14])}
+        for rid, (_, dst) in plan.items():
+            recv.call("expect", rid, dst)
+        (sa, da), (sb, db), (sc, dc) = plan.values()
+        script = [("open", "a", da), ("open", "b", db), ("open", "c", dc)]
+        for upto in range(1, _layout(torch.float32).num_layers + 1):  # a layer at a time, interleaved
+            script += [("layers", "a", sa, upto), ("layers", "b", sb, upto)]
+            if upto <= 2:
+                script.append(("layers", "c", sc, upto))
+        script += [("abort", "c"), ("finish", "a", sa), ("finish", "b", sb)]
+        sender.call("streams", endpoint, script)
+        recv.call("wait_received", "a", 5.0)
+        recv.call("wait_received", "b", 5.0)
+        with pytest.raises(RemoteError) as ei:
+            recv.call("wait_received", "c", 0.3)
+        assert "TimeoutError" in ei.value.mro
+        for src, dst in ((sa, da), (sb, db)):
+            expected[:, :, dst] = src_cache[:, :, src]
+        _check_cache(recv.call("cache")[0], expected, anything_in=tuple(dc))
+        sender.call("send", endpoint, "c", sc, dc, 20.0)  # the aborted request takes a plain retry
+        recv.call("wait_received", "c", 5.0)
+        expected[:, :, dc] = src_cache[:, :, sc]
+        _check_cache(recv.call("cache")[0], expected)
+        _stop_all(recv, sender)
+    finally:
+        for p in (recv, sender):
+            p.stop()
 
 
 @pytest.mark.timeout(60)
