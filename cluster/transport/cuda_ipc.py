@@ -7,9 +7,9 @@ libcuda, so no cuda-python dependency), exports `cudaIpcGetMemHandle(base)` and 
 `offset = cache.data_ptr() - base`.
 The sender maps the segment once per receiver (`cudaIpcOpenMemHandle`, lazy peer access), wraps
 [base + offset, + cache bytes) as a tensor of the cache's shape on its own device (cupy memory ->
-DLPack), and copies with PyTorch kernels: gather its source blocks, scatter into the peer view
-(over NVLink / PCIe peer access). Memory from `expandable_segments` (cuMem VMM) cannot be exported
-this way: listen() raises.
+DLPack), and copies block to block into that view with one Triton kernel per chunk of layers
+(`engine/kernels/block_copy.py`, over NVLink / PCIe peer access). Memory from `expandable_segments`
+(cuMem VMM) cannot be exported this way: listen() raises.
 
 Control channel: the pair's socket (`_sock_ctl`), one connection per sender, served on its own thread:
   {"op": "pair"}                                   -> {"status": "ok", "handle", "offset", "shape", "dtype"}
