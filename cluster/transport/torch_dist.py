@@ -11,11 +11,12 @@ socket (`_sock_ctl`), data over the process group:
             prefill streams into it. The receiver serves each connection on its own thread.
   transfer  {"op": "begin", "seq", "rid", "dst", "dtype", "block", "timeout"}, then per chunk of layers
             {"op": "chunk", "seq", "lo", "hi", "numel"} followed by ONE send of those layers of the blocks
-            (gathered: [hi - lo, 2, n, block, heads, dim]), then {"op": "end", "seq"} (or "abort") ->
-            {"seq", "status": "ok" | "rejected" | "aborted", "error"}. Transfers may interleave by chunk.
-            The receiver claims the blocks at "begin"; each chunk is received on a stream of its own and
-            scattered into the cache right behind it (GPU-side, no CPU wait), so receiving overlaps
-            scattering and never touches the decode step loop. Data for a rejected request is drained.
+            (gathered: [hi - lo, 2, n, block, heads, dim]); {"op": "end", "seq"} right behind the last
+            chunk (or "abort" instead) -> {"seq", "status": "ok" | "rejected" | "aborted" | "late", "error"}.
+            Transfers may interleave by chunk. The receiver claims the blocks at "begin"; each chunk is
+            received on a stream of its own and scattered into the cache right behind it (GPU-side, no
+            CPU wait); on CUDA a completer thread answers "end" once the data is in, so a streaming
+            prefill usually has its answer before its forward ends. Data for a rejected request is drained.
   teardown  {"op": "bye"}, or the connection closing; any failure drops the pair (and aborts its group).
 gloo moves CPU tensors (a CUDA cache is staged through host memory); nccl keeps everything on the GPU.
 """
