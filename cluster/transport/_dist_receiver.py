@@ -21,7 +21,7 @@ import torch
 
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport._sock_ctl import CtlConn
-from cluster.transport._streams import device_ids, wait_stream
+from cluster.transport._streams import device_ids, wait_event, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,12 @@ class DistReceiver:
         """Answer ended transfers, in order, as their data lands; past a deadline, break the pair."""
         while (item := ended.get()) is not None:
             seq, t, event = item
-            while not event.query():
-                if time.monotonic() > t.deadline:
-                    log.warning("KV nccl transfer of %r did not complete in time", t.rid)
-                    conn.close()  # the pair's thread sees it and drops the pair
-                    return
-                time.sleep(2e-5)
+            try:
+                wait_event(event, t.deadline)
+            except TransportError:
+                log.warning("KV nccl transfer of %r did not complete in time", t.rid)
+                conn.close()  # the pair's thread sees it and drops the pair
+                return
             reply = self._end_in(t)
             with lock:
                 transfers.pop(seq, None)

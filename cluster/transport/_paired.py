@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._sock_ctl import CtlConn
+from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import KVSendStream, KVTransport, TransportError, TransportRejected
 
 CHUNK_BYTES = 32 << 20  # streaming granularity: big enough for link speed, small enough to follow the layers
@@ -101,10 +101,7 @@ class PairedSendStream(KVSendStream):
 
     def left(self) -> float:
         assert self.deadline is not None
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TransportError("KV send timed out")
-        return left
+        return self.t._left(self.deadline)
 
     @abstractmethod
     def _begin(self) -> None:
@@ -219,7 +216,40 @@ class PairedTransport(KVTransport):
         self._lock = threading.Lock()
         self._out: dict[str, OutPair] = {}
         self._closed = False
+        self._listener: CtlListener | None = None
 
+    # --- receiver -----------------------------------------------------------------------------------
+    def listen(self) -> str:
+        with self._lock:
+            if self._closed:
+                raise TransportError("transport is closed")
+            if self._listener is None:
+                self._prepare_listen()
+                self._listener = CtlListener(self.host, self._serve_pair, name=f"kv-{self.name}")
+            return self._listener.endpoint
+
+    def _prepare_listen(self) -> None:
+        """What the receiver sets up once, before it accepts connections."""
+
+    @abstractmethod
+    def _serve_pair(self, conn: CtlConn) -> None:
+        """Serve one sender's control connection (on its own thread) until it ends."""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+        self._close_pairs()
+        with self._lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # closes every connection; their threads end
+        self._after_close()
+
+    def _after_close(self) -> None:
+        """Anything to release once links and listener are gone."""
+
+    # --- sender -------------------------------------------------------------------------------------
     @abstractmethod
     def _connect(self, endpoint: str, deadline: float) -> Link:
         """A new, paired link to the receiver at `endpoint`, by `deadline`."""

@@ -8,15 +8,25 @@ import torch
 
 from cluster.transport.base import TransportError
 
+_POLL_MIN_S, _POLL_MAX_S = 2e-5, 2e-4  # poll gaps back off: a long wait must not keep taking the GIL
+
+
+def wait_event(event: torch.cuda.Event, deadline: float) -> None:
+    """Block until `event` has completed; TransportError at `deadline`. Polls (a CUDA wait has no timeout)
+    with gaps growing from 20 us to 0.2 ms, so a wait of tens of ms costs the engine thread little GIL."""
+    gap = _POLL_MIN_S
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise TransportError("KV data did not arrive in time")
+        time.sleep(gap)
+        gap = min(gap * 2, _POLL_MAX_S)
+
 
 def wait_stream(stream: torch.cuda.Stream, deadline: float) -> None:
     """Block until the work enqueued on `stream` so far is done; TransportError at `deadline`."""
     event = torch.cuda.Event()
     event.record(stream)
-    while not event.query():
-        if time.monotonic() > deadline:
-            raise TransportError("KV data did not arrive in time")
-        time.sleep(2e-5)
+    wait_event(event, deadline)
 
 
 def device_ids(ids: list[int], device: torch.device) -> torch.Tensor:

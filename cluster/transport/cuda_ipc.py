@@ -34,7 +34,7 @@ import torch
 
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport._paired import Link, PairedSendStream, PairedTransport
-from cluster.transport._sock_ctl import CtlConn, CtlListener
+from cluster.transport._sock_ctl import CtlConn
 from cluster.transport._streams import device_ids, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
@@ -128,30 +128,24 @@ class CudaIpcTransport(PairedTransport):
         super().__init__(layout, cache, host=host, **kw)
         self._dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
         self._grace = write_grace_s
-        self._listener: CtlListener | None = None
         self._export: dict[str, Any] = {}
         self._pair_ids = itertools.count(1)
 
     # --- receiver -----------------------------------------------------------------------------------
-    def listen(self) -> str:
-        with self._lock:
-            if self._closed:
-                raise TransportError("transport is closed")
-            if self._listener is None:
-                cupy = _cupy()
-                ptr, nbytes = self.cache.data_ptr(), self.cache.numel() * self.cache.element_size()
-                try:
-                    with torch.cuda.device(self._dev), cupy.cuda.Device(self._dev):
-                        base, size = _segment_base(ptr)
-                        if not base <= ptr <= ptr + nbytes <= base + size:
-                            raise RuntimeError(f"cache [{ptr:#x}, +{nbytes}) outside [{base:#x}, +{size})")
-                        handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
-                except Exception as e:  # e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (cuMem VMM)
-                    raise TransportError(f"cannot export the KV cache for CUDA IPC: {e}") from e
-                self._export = {"status": "ok", "handle": handle.hex(), "offset": ptr - base,
-                                "shape": list(self.cache.shape), "dtype": str(self.cache.dtype)}
-                self._listener = CtlListener(self.host, self._serve_pair, name="kv-cuda-ipc")
-            return self._listener.endpoint
+    def _prepare_listen(self) -> None:
+        """Export the cache's CUDA IPC handle (what "pair" answers)."""
+        cupy = _cupy()
+        ptr, nbytes = self.cache.data_ptr(), self.cache.numel() * self.cache.element_size()
+        try:
+            with torch.cuda.device(self._dev), cupy.cuda.Device(self._dev):
+                base, size = _segment_base(ptr)
+                if not base <= ptr <= ptr + nbytes <= base + size:
+                    raise RuntimeError(f"cache [{ptr:#x}, +{nbytes}) outside [{base:#x}, +{size})")
+                handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
+        except Exception as e:  # e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (cuMem VMM)
+            raise TransportError(f"cannot export the KV cache for CUDA IPC: {e}") from e
+        self._export = {"status": "ok", "handle": handle.hex(), "offset": ptr - base,
+                        "shape": list(self.cache.shape), "dtype": str(self.cache.dtype)}
 
     def _serve_pair(self, conn: CtlConn) -> None:
         """One sender's connection: hand out the cache, then claims and completions, until it closes.
@@ -225,13 +219,3 @@ class CudaIpcTransport(PairedTransport):
                     cupy.cuda.runtime.ipcCloseMemHandle(link.peer_ptr)
             link.peer_ptr = 0
         link.ctl.close()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-        self._close_pairs()
-        with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()

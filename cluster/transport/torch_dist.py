@@ -39,7 +39,7 @@ import torch.distributed as dist
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport._dist_receiver import DistReceiver, first_line, td
 from cluster.transport._paired import Link, PairedSendStream, PairedTransport
-from cluster.transport._sock_ctl import CtlConn, CtlListener
+from cluster.transport._sock_ctl import CtlConn
 from cluster.transport._streams import device_ids
 from cluster.transport.base import TransportError, TransportRejected, parse_endpoint
 
@@ -139,7 +139,6 @@ class _TorchDistTransport(DistReceiver, PairedTransport):
         super().__init__(layout, cache, host=host, **kw)
         self._cuda = self.backend == "nccl"
         self._recv_grace_s = recv_grace_s
-        self._listener: CtlListener | None = None
         self._store: dist.TCPStore | None = None
         self._pair_ids = itertools.count(1)
         self._aborts: list[threading.Thread] = []
@@ -192,15 +191,10 @@ class _TorchDistTransport(DistReceiver, PairedTransport):
                 self._aborts = [a for a in self._aborts if a.is_alive()] + [t]
 
     # --- receiver -----------------------------------------------------------------------------------
-    def listen(self) -> str:
-        with self._lock:
-            if self._closed:
-                raise TransportError("transport is closed")
-            if self._listener is None:
-                self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
-                                            timeout=timedelta(seconds=60))
-                self._listener = CtlListener(self.host, self._serve_pair, name=f"kv-{self.backend}")
-            return self._listener.endpoint
+    def _prepare_listen(self) -> None:
+        """Host the TCPStore the pairs' process groups meet on."""
+        self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=60))
 
     # --- sender -------------------------------------------------------------------------------------
     def _describe(self, e: BaseException) -> str:
@@ -229,15 +223,7 @@ class _TorchDistTransport(DistReceiver, PairedTransport):
         self._drop_pg(link.pg, wait_s=5.0 if polite else 0.0)
         link.ctl.close()
 
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-        self._close_pairs()
-        with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+    def _after_close(self) -> None:
         with self._lock:
             aborts = list(self._aborts)
         deadline = time.monotonic() + 10.0
