@@ -9,165 +9,28 @@ was.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from cluster.engine.kv_layout import KVLayout
 from cluster.transport import TransportError, create_transport, resolve_auto, transport_names
-
-NUM_BLOCKS = 24
-CPU_TRANSPORTS = ["gloo", "grpc"]
-
-
-def _layout(dtype: torch.dtype) -> KVLayout:
-    return KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype=dtype)
-
-
-def _initial_cache(dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(_layout(dtype).cache_shape(NUM_BLOCKS), generator=g).to(dtype)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def _peer(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, kw: dict[str, Any]) -> None:
-    """A worker process: owns one transport and answers (command, *args) messages until "exit"."""
-    faulthandler.enable()
-    pad = torch.ones(300, device=device)  # noqa: F841  # on CUDA: the cache then sits at an offset in its segment
-    cache = _initial_cache(dtype, seed).to(device)
-    transport = create_transport(name, _layout(dtype), cache, **kw)
-    keep: list[Any] = []
-    while True:
-        cmd, *args = conn.recv()
-        t0, out = time.monotonic(), None
-        faulthandler.dump_traceback_later(20)  # a command stuck this long prints every thread's stack
-        try:
-            if cmd == "exit":
-                transport.close()
-                conn.send(("ok", None, 0.0))
-                return
-            if cmd == "cache":
-                out = cache.cpu()
-            elif cmd == "half_send":
-                keep.append(_half_send(transport, *args))
-            elif cmd == "streams":
-                _run_streams(transport, *args)
-            else:
-                out = getattr(transport, cmd)(*args)
-            faulthandler.cancel_dump_traceback_later()
-            conn.send(("ok", out, time.monotonic() - t0))
-        except Exception as e:
-            faulthandler.cancel_dump_traceback_later()
-            conn.send(("err", f"{type(e).__name__}: {e}", time.monotonic() - t0,
-                       [c.__name__ for c in type(e).__mro__], traceback.format_exc()))
-
-
-def _run_streams(transport: Any, endpoint: str, script: list[tuple[Any, ...]]) -> None:
-    """Drive send streams step by step, as a prefill's layer hook and its worker do:
-    ("open", rid, dst) | ("layers", rid, src, upto) | ("finish", rid, src) | ("abort", rid)."""
-    type(transport).streams_layers = True  # gloo streams synchronously: fine outside a forward, as here
-    streams: dict[str, Any] = {}
-    for op, rid, *args in script:
-        if op == "open":
-            streams[rid] = transport.open_send(endpoint, rid, args[0], 20.0)
-        elif op == "layers":
-            streams[rid].layers_ready(*args)
-        elif op == "finish":
-            streams[rid].finish(args[0])
-        else:
-            streams[rid].abort()
-
-
-def _half_send(transport: Any, endpoint: str, rid: str, dst: list[int], timeout_s: float) -> Any:
-    """torch_dist only: pair and announce a transfer and its first chunk, then never send the data (a sender
-    that hangs or dies between header and data). Uses the wire protocol's internals on purpose."""
-    from cluster.transport._sock_ctl import CtlConn
-    from cluster.transport.base import parse_endpoint
-
-    ctl = CtlConn.connect(endpoint, timeout_s)
-    ctl.send({"op": "pair", "timeout": timeout_s})
-    meta = ctl.recv(timeout_s)
-    pg = transport._join(parse_endpoint(endpoint)[0], meta["store_port"], meta["pair"], 0, timeout_s)
-    lay = transport.layout
-    ctl.send({"op": "begin", "seq": 1, "rid": rid, "dst": dst, "dtype": str(lay.dtype),
-              "block": [lay.block_size, lay.num_kv_heads, lay.head_dim], "timeout": timeout_s})
-    ctl.send({"op": "chunk", "seq": 1, "lo": 0, "hi": lay.num_layers,
-              "numel": lay.num_layers * 2 * len(dst) * lay.block_size * lay.num_kv_heads * lay.head_dim})
-    return ctl, pg
-
-
-class Peer:
-    """Test-side handle of a `_peer` process."""
-
-    def __init__(self, name: str, dtype: torch.dtype, seed: int, device: str = "cpu", **kw: Any) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_peer, args=(child, name, dtype, device, seed, kw), daemon=True)
-        self.proc.start()
-        self.seed, self.dtype = seed, dtype
-
-    def call(self, cmd: str, *args: Any, timeout: float = 30.0) -> tuple[Any, float]:
-        """Run a command in the peer; returns (result, seconds it took); re-raises errors as RemoteError."""
-        self.conn.send((cmd, *args))
-        if not self.conn.poll(timeout):
-            raise AssertionError(f"peer did not answer {cmd} within {timeout}s")
-        status, out, elapsed, *err = self.conn.recv()
-        if status == "err":
-            raise RemoteError(out, err[0], err[1], elapsed)
-        return out, elapsed
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join(5)
-
-    def stop(self) -> int | None:
-        """Ask the peer to close its transport and exit; returns its exit code (0: clean)."""
-        if self.proc.is_alive():
-            with contextlib.suppress(Exception):
-                self.call("exit", timeout=10)
-            self.proc.join(10)
-            if self.proc.is_alive():
-                self.kill()
-        return self.proc.exitcode
-
-
-def _stop_all(*peers: Peer) -> None:
-    """Stop peers that are still running and check that they exited cleanly (no C++ abort at teardown)."""
-    codes = {i: p.stop() for i, p in enumerate(peers) if p.proc.is_alive()}
-    assert all(c == 0 for c in codes.values()), f"peers exited with {codes}"
-
-
-class RemoteError(Exception):
-    def __init__(self, msg: str, mro: list[str], tb: str, elapsed: float) -> None:
-        super().__init__(msg)
-        self.mro, self.tb, self.elapsed = mro, tb, elapsed
-
-
-def _pick(rng: torch.Generator, n: int) -> tuple[list[int], list[int]]:
-    src = torch.randperm(NUM_BLOCKS, generator=rng)[:n].tolist()
-    dst = torch.randperm(NUM_BLOCKS, generator=rng)[:n].tolist()
-    return src, dst
-
-
-def _check_cache(got: torch.Tensor, expected: torch.Tensor, anything_in: tuple[int, ...] = ()) -> None:
-    """Bit-equal, except blocks `anything_in` (those of a transfer cut off mid-way: their owner's, only)."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    diff = (_bits(got) != _bits(expected)).flatten(3).any(-1).any(0).any(0).nonzero().flatten().tolist()
-    diff = [b for b in diff if b not in anything_in]
-    assert not diff, f"blocks differ from the expected cache: {diff}"
+from tests.transport_peers import (
+    CPU_TRANSPORTS,
+    Peer,
+    RemoteError,
+    check_cache,
+    initial_cache,
+    kv_layout,
+    pick_blocks,
+    stop_all,
+)
 
 
 def _scenario(name: str, dtype: torch.dtype, device: tuple[str, str, str] = ("cpu", "cpu", "cpu"),
@@ -178,17 +41,17 @@ def _scenario(name: str, dtype: torch.dtype, device: tuple[str, str, str] = ("cp
     s2 = Peer(name, dtype, seed=3, device=device[2], **kw)
     try:
         rng = torch.Generator().manual_seed(7)
-        expected = _initial_cache(dtype, 1)
+        expected = initial_cache(dtype, 1)
         endpoint, _ = recv.call("listen")
         for sender, rid, n in ((s1, "r1", 5), (s1, "r1b", 1), (s2, "r2", 7)):
-            src, dst = _pick(rng, n)
+            src, dst = pick_blocks(rng, n)
             dst = [b for b in dst if b not in (0, 1)]  # 0, 1 stay reserved for the forgotten request
             src = src[:len(dst)]
             recv.call("expect", rid, dst)
             sender.call("send", endpoint, rid, src, dst, 20.0)
             recv.call("wait_received", rid, 5.0)
-            expected[:, :, dst] = _initial_cache(dtype, sender.seed)[:, :, src]
-        _check_cache(recv.call("cache")[0], expected)
+            expected[:, :, dst] = initial_cache(dtype, sender.seed)[:, :, src]
+        check_cache(recv.call("cache")[0], expected)
 
         # A forgotten request's late data is dropped (sender told), not written.
         recv.call("expect", "gone", [0, 1])
@@ -199,13 +62,13 @@ def _scenario(name: str, dtype: torch.dtype, device: tuple[str, str, str] = ("cp
         # Never-announced ids are dropped too; the pair survives rejections.
         with pytest.raises(RemoteError):
             s2.call("send", endpoint, "unknown", [4], [5], 10.0)
-        _check_cache(recv.call("cache")[0], expected)
+        check_cache(recv.call("cache")[0], expected)
         src, dst = [9, 10], [0, 1]
         recv.call("expect", "after", dst)
         s2.call("send", endpoint, "after", src, dst, 20.0)
         assert recv.call("poll_received")[0] == ["after"]
-        expected[:, :, dst] = _initial_cache(dtype, s2.seed)[:, :, src]
-        _check_cache(recv.call("cache")[0], expected)
+        expected[:, :, dst] = initial_cache(dtype, s2.seed)[:, :, src]
+        check_cache(recv.call("cache")[0], expected)
 
         # wait_received times out (TimeoutError) instead of hanging.
         recv.call("expect", "never", [2])
@@ -222,7 +85,7 @@ def _scenario(name: str, dtype: torch.dtype, device: tuple[str, str, str] = ("cp
                 sender.call("send", endpoint, "late", [1, 2], [3, 4], 4.0)
             assert "TransportError" in ei.value.mro, ei.value.tb
             assert time.monotonic() - t0 < 8.0
-        _stop_all(s1, s2)
+        stop_all(s1, s2)
     finally:
         for p in (recv, s1, s2):
             p.stop()
@@ -242,7 +105,7 @@ def _stalled_scenario(name: str, device: tuple[str, str] = ("cpu", "cpu")) -> No
     silent = Peer(name, torch.float32, seed=3, device=device[1]) if torch_dist else None
     try:
         endpoint, _ = recv.call("listen")
-        expected, src_cache = _initial_cache(torch.float32, 1), _initial_cache(torch.float32, 2)
+        expected, src_cache = initial_cache(torch.float32, 1), initial_cache(torch.float32, 2)
         recv.call("expect", "a", [1, 2])
         sender.call("send", endpoint, "a", [3, 4], [1, 2], 20.0)
         recv.call("wait_received", "a", 5.0)
@@ -275,8 +138,8 @@ def _stalled_scenario(name: str, device: tuple[str, str] = ("cpu", "cpu")) -> No
             expected[:, :, [5, 6]] = src_cache[:, :, [7, 8]]
         else:
             cut_off += (5, 6)
-        _check_cache(recv.call("cache")[0], expected, anything_in=cut_off)
-        _stop_all(recv, sender)
+        check_cache(recv.call("cache")[0], expected, anything_in=cut_off)
+        stop_all(recv, sender)
     finally:
         with contextlib.suppress(Exception):
             os.kill(recv.proc.pid, signal.SIGCONT)
@@ -301,13 +164,13 @@ def test_layer_streams_interleave_and_abort_cpu() -> None:
     sender = Peer("gloo", torch.float32, seed=2, chunk_bytes=1)
     try:
         endpoint, _ = recv.call("listen")
-        expected, src_cache = _initial_cache(torch.float32, 1), _initial_cache(torch.float32, 2)
+        expected, src_cache = initial_cache(torch.float32, 1), initial_cache(torch.float32, 2)
         plan = {"a": ([3, 4], [10, 11]), "b": ([5], [12]), "c": ([6, 7], [13, 14])}
         for rid, (_, dst) in plan.items():
             recv.call("expect", rid, dst)
         (sa, da), (sb, db), (sc, dc) = plan.values()
         script = [("open", "a", da), ("open", "b", db), ("open", "c", dc)]
-        for upto in range(1, _layout(torch.float32).num_layers + 1):  # a layer at a time, interleaved
+        for upto in range(1, kv_layout(torch.float32).num_layers + 1):  # a layer at a time, interleaved
             script += [("layers", "a", sa, upto), ("layers", "b", sb, upto)]
             if upto <= 2:
                 script.append(("layers", "c", sc, upto))
@@ -320,12 +183,12 @@ def test_layer_streams_interleave_and_abort_cpu() -> None:
         assert "TimeoutError" in ei.value.mro
         for src, dst in ((sa, da), (sb, db)):
             expected[:, :, dst] = src_cache[:, :, src]
-        _check_cache(recv.call("cache")[0], expected, anything_in=tuple(dc))
+        check_cache(recv.call("cache")[0], expected, anything_in=tuple(dc))
         sender.call("send", endpoint, "c", sc, dc, 20.0)  # the aborted request takes a plain retry
         recv.call("wait_received", "c", 5.0)
         expected[:, :, dc] = src_cache[:, :, sc]
-        _check_cache(recv.call("cache")[0], expected)
-        _stop_all(recv, sender)
+        check_cache(recv.call("cache")[0], expected)
+        stop_all(recv, sender)
     finally:
         for p in (recv, sender):
             p.stop()
@@ -349,11 +212,11 @@ def test_transport_two_gpus(name: str) -> None:
 
 def test_registry_and_auto() -> None:
     assert transport_names() == ["cuda_ipc", "gloo", "grpc", "nccl"]
-    layout = _layout(torch.float32)
+    layout = kv_layout(torch.float32)
     with pytest.raises(ValueError, match="cuda_ipc, gloo, grpc, nccl"):
         create_transport("carrier_pigeon", layout, layout.allocate(2, "cpu"))
     with pytest.raises(ValueError):  # a cache that does not match the layout
-        create_transport("gloo", layout, _layout(torch.bfloat16).allocate(2, "cpu"))
+        create_transport("gloo", layout, kv_layout(torch.bfloat16).allocate(2, "cpu"))
     assert resolve_auto("cuda:0", "cuda:3", same_host=True) == "cuda_ipc"
     assert resolve_auto("cuda", "cuda:1", same_host=False) == "nccl"
     assert resolve_auto("cpu", "cpu", same_host=True) == "gloo"
@@ -366,14 +229,14 @@ def test_lazy_imports() -> None:
             "bad = [m for m in ('grpc', 'cupy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     if importlib.util.find_spec("cupy") is None:
-        layout = _layout(torch.float32)
+        layout = kv_layout(torch.float32)
         with pytest.raises(ValueError, match="CUDA"):
             create_transport("cuda_ipc", layout, layout.allocate(2, "cpu"))
 
 
 def test_wait_and_forget_local() -> None:
     """Receiver bookkeeping without a peer: timeouts, unknown ids, forget, poll."""
-    layout = _layout(torch.float32)
+    layout = kv_layout(torch.float32)
     t = create_transport("gloo", layout, layout.allocate(4, "cpu"))
     try:
         t.expect("a", [0, 1])
