@@ -26,7 +26,6 @@ from cluster.transport.base import KVSendStream, KVTransport, TransportError, Tr
 
 CHUNK_BYTES = 32 << 20  # streaming granularity: big enough for link speed, small enough to follow the layers
 BULK_CHUNKS = 4  # layers all ready at once (a plain send) go in chunks of BULK_CHUNKS * chunk_bytes
-REPLY_SPIN_S = 5e-4  # a sender polls this long for its answer before sleeping on the socket
 
 
 @dataclass(eq=False)
@@ -53,7 +52,7 @@ class Link:
                     raise TransportError(self.broken)
                 self.reading = True
             try:
-                msg = self.ctl.recv(deadline - time.monotonic(), spin_s=REPLY_SPIN_S)
+                msg = self.ctl.recv(deadline - time.monotonic())
             except TimeoutError:
                 raise TransportError("KV receiver did not answer in time") from None
             finally:

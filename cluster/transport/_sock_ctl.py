@@ -55,26 +55,22 @@ class CtlConn:
         except OSError as e:
             raise TransportError(f"control connection lost: {e}") from e
 
-    def recv(self, timeout_s: float | None, spin_s: float = 0.0) -> dict[str, Any]:
-        """The next message; TimeoutError after `timeout_s` (None: wait forever), TransportError on EOF.
-
-        `spin_s`: poll without sleeping for that long first (an answer due within microseconds then
-        costs no thread wake-up, which takes 0.1-0.3 ms on an idle host)."""
+    def recv(self, timeout_s: float | None) -> dict[str, Any]:
+        """The next message; TimeoutError after `timeout_s` (None: wait forever), TransportError on EOF."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        header = self._read(_HEADER.size, deadline, time.monotonic() + spin_s)
+        header = self._read(_HEADER.size, deadline)
         (size,) = _HEADER.unpack(header)
         if size > _MAX_MESSAGE:
             raise TransportError(f"control message of {size} bytes: the peer is out of step")
-        return json.loads(self._read(size, deadline, 0.0))
+        return json.loads(self._read(size, deadline))
 
-    def _read(self, n: int, deadline: float | None, spin_until: float) -> bytes:
+    def _read(self, n: int, deadline: float | None) -> bytes:
         while len(self._buf) < n:
-            now = time.monotonic()
-            left = None if deadline is None else deadline - now
+            left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError("no control message in time")
             try:
-                ready, _, _ = select.select([self._sock], [], [], 0.0 if now < spin_until else left)
+                ready, _, _ = select.select([self._sock], [], [], left)
                 if not ready:
                     continue
                 chunk = self._sock.recv(1 << 16)
