@@ -43,7 +43,8 @@ def _scenario(name: str, dtype: torch.dtype, device: tuple[str, str, str] = ("cp
         rng = torch.Generator().manual_seed(7)
         expected = initial_cache(dtype, 1)
         endpoint, _ = recv.call("listen")
-        for sender, rid, n in ((s1, "r1", 5), (s1, "r1b", 1), (s2, "r2", 7)):
+        # Few blocks: few runs (cuda_ipc: copy-engine copies); 20 scattered: many runs (its copy kernel).
+        for sender, rid, n in ((s1, "r1", 5), (s1, "r1b", 1), (s2, "r2", 7), (s1, "r3", 20)):
             src, dst = pick_blocks(rng, n)
             dst = [b for b in dst if b not in (0, 1)]  # 0, 1 stay reserved for the forgotten request
             src = src[:len(dst)]
@@ -208,6 +209,15 @@ def test_transport_two_gpus(name: str) -> None:
     """Receiver on cuda:0, both senders on cuda:1 (NCCL cannot put two ranks of one pair on one GPU)."""
     _scenario(name, torch.bfloat16, ("cuda:0", "cuda:1", "cuda:1"), chunk_bytes=1)  # a chunk per layer
     _stalled_scenario(name, ("cuda:0", "cuda:1"))
+
+
+def test_block_runs() -> None:
+    """cuda_ipc copies each run of ids consecutive on BOTH sides as one 2D copy."""
+    from cluster.transport.cuda_ipc import block_runs
+
+    assert block_runs([], []) == []
+    assert block_runs([4, 5, 6, 9, 10, 2], [7, 8, 9, 1, 3, 4]) == [(4, 7, 3), (9, 1, 1), (10, 3, 1), (2, 4, 1)]
+    assert block_runs(list(range(3, 131)), list(range(500, 628))) == [(3, 500, 128)]
 
 
 def test_registry_and_auto() -> None:

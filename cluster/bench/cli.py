@@ -108,6 +108,9 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
                         "like this): how much the handoff's control path suffers from GIL contention")
     p.add_argument("--switch-interval-ms", type=float,
                    help="sys.setswitchinterval in both processes (default: Python's 5 ms)")
+    p.add_argument("--contiguous-ids", action="store_true",
+                   help="send consecutive block ids on both sides (a fresh request in an unfragmented cache) "
+                        "instead of scattered ones (a fragmented cache, the default)")
     p.add_argument("--prefill", action="store_true",
                    help="also time each prompt's prefill on the sender (--model with weights): alone, with the KV "
                         "streamed layer by layer, and with one send after it")

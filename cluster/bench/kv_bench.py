@@ -3,12 +3,13 @@
 Two spawned processes (see `kv_worker`): the sender on `cuda:A` (or the CPU), the receiver on `cuda:B`;
 both see every GPU and pick theirs by index. Each allocates a paged KV cache for the model shape, sized
 for the longest prompt plus spare blocks; the sender fills its cache with seeded random values. Per
-(transport, prompt length) the sender times `send()` of the prompt's blocks (scattered ids on both sides)
-into blocks the receiver has `expect()`ed; the first transfer is checked bit for bit (and that nothing
-else in the receiver's cache changed). In the same processes, on the same devices, a plain
-torch.distributed send of one contiguous tensor of the same byte count plus a 1-element ack (gloo on CPU,
-NCCL on CUDA) is the raw reference: `ratio = raw_p2p_ms / handoff_ms` is the fraction of raw bandwidth
-the handoff achieves. No weights are loaded: only the shape (config.json or a named shape) is used.
+(transport, prompt length) the sender times `send()` of the prompt's blocks (scattered ids on both sides; one
+run of consecutive ids with --contiguous-ids) into blocks the receiver has `expect()`ed; the first transfer
+is checked bit for bit (and that nothing else in the receiver's cache changed). In the same processes, on
+the same devices, a plain torch.distributed send of one contiguous tensor of the same byte count plus a
+1-element ack (gloo on CPU, NCCL on CUDA) is the raw reference: `ratio = raw_p2p_ms / handoff_ms` is the
+fraction of raw bandwidth the handoff achieves. No weights are loaded: only the shape (config.json or a named
+shape) is used.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                 repeats=args.repeats, min_repeats=args.min_repeats, case_budget_s=args.case_budget_s,
                 send_timeout_s=args.send_timeout, seed=args.seed,
                 prefill_model=str(args.model) if args.prefill else None, receiver_busy=args.receiver_busy,
+                contiguous_ids=args.contiguous_ids,
                 switch_interval_s=args.switch_interval_ms / 1e3 if args.switch_interval_ms else None)
     meta = metadata("kv", args, args.device, args.model)
     t0 = time.perf_counter()
@@ -230,7 +232,8 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                     "names": [device_name(d) for d in devices]},
         "raw_backend": raw_backend,
         "raw_method": "one contiguous tensor sender->receiver + 1-element ack back, same processes/devices",
-        "receiver_busy": args.receiver_busy, "switch_interval_ms": args.switch_interval_ms,
+        "receiver_busy": args.receiver_busy, "contiguous_ids": args.contiguous_ids,
+        "switch_interval_ms": args.switch_interval_ms,
         "wall_s": wall, "raw": raw_rows, "results": rows, "prefill": prefill, "problems": problems,
     }
     path = write_json(run_dir(args.out, "kv") / "result.json", result)

@@ -28,6 +28,7 @@ class Plan:
     seed: int
     prefill_model: str | None = None  # with weights: also time prefill alone / streamed / bulk (kv_prefill)
     receiver_busy: bool = False  # a pure-Python thread spins in the receiver, as a busy decode engine does
+    contiguous_ids: bool = False  # consecutive block ids on both sides instead of scattered ones
     switch_interval_s: float | None = None  # sys.setswitchinterval in both processes (None: Python's 5 ms)
 
 
@@ -51,7 +52,10 @@ def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_
 
 
 def block_ids(plan: Plan, n: int) -> tuple[list[int], list[int]]:
-    """Seeded, scattered source and destination block ids (as in a fragmented engine cache)."""
+    """Seeded, scattered source and destination block ids (as in a fragmented engine cache), or with
+    `plan.contiguous_ids` one run of consecutive ids on each side, at different offsets."""
+    if plan.contiguous_ids:
+        return list(range(n)), list(range(plan.num_blocks - n, plan.num_blocks))
     g = torch.Generator().manual_seed(plan.seed + n)
     return (torch.randperm(plan.num_blocks, generator=g)[:n].tolist(),
             torch.randperm(plan.num_blocks, generator=g)[:n].tolist())

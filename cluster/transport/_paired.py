@@ -93,7 +93,8 @@ class PairedSendStream(KVSendStream):
         self.done = False
         per_layer = max(self.layout.bytes_per_layer(len(dst)), 1)
         self.chunk_layers = max(1, transport.chunk_bytes // per_layer)
-        self.bulk_layers = max(1, BULK_CHUNKS * transport.chunk_bytes // per_layer)
+        bulk = BULK_CHUNKS * transport.chunk_bytes // per_layer
+        self.bulk_layers = self.layout.num_layers if transport.whole_bulk else max(1, bulk)
         self.ended = False  # the receiver was told that every layer is out (see _all_sent)
         self.streaming = False  # the current chunks go out beside a running prefill
         self._state = threading.Lock()  # orders layers_ready against abort/finish from other threads
@@ -203,6 +204,9 @@ class PairedTransport(KVTransport):
     # Copies and NCCL kernels go on high-priority streams: they use few SMs but must not queue behind a
     # prefill's (or a decode step's) kernels, or the transfer lags the compute it should hide behind.
     high_priority: ClassVar[bool] = True
+    # True: a plain send moves every layer in one piece. Worth it where one piece has no pipeline to fill
+    # (cuda_ipc: one copy straight into the peer), not where a gather, a send and a scatter overlap (nccl).
+    whole_bulk: ClassVar[bool] = False
 
     def side_stream(self) -> torch.cuda.Stream:
         """A stream of our own for copies, at high priority (see `high_priority`)."""

@@ -29,6 +29,15 @@ def wait_stream(stream: torch.cuda.Stream, deadline: float) -> None:
     wait_event(event, deadline)
 
 
+def drain(stream: torch.cuda.Stream) -> None:
+    """Block until the work enqueued on `stream` so far is done, with the GIL released while waiting (no
+    polling: the engine thread keeps the interpreter). Only for work that always ends on its own (local and
+    peer copies), never for a receive that waits on another process: that needs `wait_stream`'s deadline."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    event.synchronize()
+
+
 def device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
     """Block ids as an int64 tensor on `device`, copied on the current stream WITHOUT blocking the CPU (a
     pageable copy would wait for the stream to drain: mid-forward, that stalls the model's launches)."""
