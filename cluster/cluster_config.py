@@ -73,14 +73,19 @@ class ClusterConfig:
             return ["colocated"] * (self.colocated or self.prefill + self.decode)
         return ["prefill"] * self.prefill + ["decode"] * self.decode
 
-    def resolved_transport(self) -> str:
-        """'auto' -> NCCL on GPUs (works within and across hosts), gloo (the same torch.distributed code) on CPU;
-        "none" in colocated mode, where no KV moves between workers."""
+    def resolved_transport(self, one_host: bool = False) -> str:
+        """The KV transport, with "auto" resolved: on GPUs "cuda_ipc" when `one_host` (every worker on one
+        machine and CUDA IPC usable there: the sender copies straight into the receiver's blocks, 2 control
+        messages per handoff, which keeps the handoff at a few ms under load where nccl's per-chunk messages
+        wait for busy engine threads; docs/benchmarks.md), else "nccl" (within and across hosts); gloo (the
+        same torch.distributed code) on CPU. "none" in colocated mode, where no KV moves between workers."""
         if self.mode == "colocated":
             return NO_TRANSPORT
         if self.transport != "auto":
             return self.transport
-        return "nccl" if self.device == "cuda" else "gloo"
+        if self.device != "cuda":
+            return "gloo"
+        return "cuda_ipc" if one_host else "nccl"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:

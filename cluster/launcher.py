@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -41,6 +42,19 @@ class Cluster:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.router.port}"
+
+    @functools.cached_property
+    def transport(self) -> str:
+        """The workers' KV transport: the config's, "auto" resolved for where Ray placed them (cuda_ipc needs
+        every worker on one node, cupy, and caches that CUDA IPC can export: no expandable segments)."""
+        import importlib.util
+
+        from ray.util import placement_group_table
+
+        nodes = set(placement_group_table(self.placement_group)["bundles_to_node_id"].values())
+        ipc_ok = (importlib.util.find_spec("cupy") is not None
+                  and "expandable_segments:true" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower())
+        return self.config.resolved_transport(one_host=len(nodes) == 1 and ipc_ok)
 
     @classmethod
     async def start(cls, config: ClusterConfig, progress: bool = True) -> Cluster:
@@ -94,13 +108,13 @@ class Cluster:
         if self.config.mode == "colocated":
             return f"{len(roles)} colocated workers (no KV transport)"
         return (f"{roles.count('prefill')} prefill + {roles.count('decode')} decode workers, "
-                f"transport {self.config.resolved_transport()}")
+                f"transport {self.transport}")
 
     def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
         c = self.config
         engine = EngineConfig(model=self.model_dir, device=c.device, seed=index, **c.engine.options())
         return WorkerConfig(role=role, engine=engine, redis_url=self.redis_url, cluster_name=c.cluster_name,
-                            worker_id=f"{role}-{index}", transport=c.resolved_transport(), host=host,
+                            worker_id=f"{role}-{index}", transport=self.transport, host=host,
                             kv_stream_layers=c.kv_stream_layers)
 
     def _worker_hosts(self, n: int) -> list[str]:
@@ -124,7 +138,7 @@ class Cluster:
 
         roles = self.config.worker_roles()
         env = {"OMP_NUM_THREADS": str(max(1, int(self.config.cpus_per_worker))), "RAY_DEDUP_LOGS": "0"}
-        if self.config.resolved_transport() == "cuda_ipc":
+        if self.transport == "cuda_ipc":
             # CUDA IPC opens the peer's memory, so every GPU must stay visible; each worker then picks its own
             # GPU by the id Ray assigned (see WorkerActor).
             env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"

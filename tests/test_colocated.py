@@ -37,6 +37,10 @@ def test_config_counts_and_validation() -> None:
     assert ClusterConfig(mode="colocated").worker_roles() == ["colocated"] * 2  # default: prefill + decode
     assert ClusterConfig(mode="colocated", colocated=3).worker_roles() == ["colocated"] * 3
     assert ClusterConfig(mode="colocated", transport="grpc").resolved_transport() == "none"
+    gpu = ClusterConfig(device="cuda")  # "auto": direct copies on one host, NCCL across hosts
+    assert (gpu.resolved_transport(one_host=True), gpu.resolved_transport()) == ("cuda_ipc", "nccl")
+    assert ClusterConfig().resolved_transport(one_host=True) == "gloo"
+    assert ClusterConfig(device="cuda", transport="nccl").resolved_transport(one_host=True) == "nccl"
     assert ClusterConfig(prefill=2).worker_roles() == ["prefill", "prefill", "decode"]
     with pytest.raises(ValueError, match="mode 'colocated'"):
         ClusterConfig(colocated=2)

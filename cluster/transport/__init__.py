@@ -21,7 +21,7 @@ import torch
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport.base import KVTransport, TransportError, TransportRejected
 
-__all__ = ["KVTransport", "TransportError", "TransportRejected", "create_transport", "resolve_auto",
+__all__ = ["KVTransport", "TransportError", "TransportRejected", "create_transport",
            "transport_names"]
 
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -33,7 +33,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 
 
 def transport_names() -> list[str]:
-    """Names `create_transport` accepts ("auto" is resolved per pair by `resolve_auto`, not here)."""
+    """Names `create_transport` accepts ("auto" is resolved by the cluster: `ClusterConfig.resolved_transport`)."""
     return sorted(_REGISTRY)
 
 
@@ -49,17 +49,3 @@ def transport_class(name: str) -> type[KVTransport]:
 def create_transport(name: str, layout: KVLayout, cache: torch.Tensor, **kw: Any) -> KVTransport:
     """Build the transport registered as `name` over `cache` (keyword args go to its constructor)."""
     return transport_class(name)(layout, cache, **kw)
-
-
-def resolve_auto(sender_device: str, receiver_device: str, same_host: bool) -> str:
-    """The best transport between two workers, from their cache devices ("cpu", "cuda", "cuda:N").
-
-    Both on CUDA: "cuda_ipc" on one host, else "nccl". Otherwise "gloo" (CPU tensors over TCP; a CUDA
-    side is staged through host memory). "grpc" is never picked: it is the explicit fallback.
-    """
-    kinds = {torch.device(d).type for d in (sender_device, receiver_device)}
-    if not kinds <= {"cpu", "cuda"}:
-        raise ValueError(f"unsupported devices {sender_device!r}, {receiver_device!r}")
-    if kinds == {"cuda"}:
-        return "cuda_ipc" if same_host else "nccl"
-    return "gloo"
