@@ -83,3 +83,41 @@ def test_random_operations_free_every_block(make_engine, chunked, ops):
         engine.abort(rid)
     engine.check_block_accounting()
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_reserve_from_another_thread_while_steps_run(make_engine):
+    """A decode worker reserves from its gRPC thread while the engine thread steps (no wait for the step):
+    the accounting holds after every step and every block comes back."""
+    import time
+
+    from cluster.worker.engine_loop import EngineLoop
+
+    engine = make_engine(True)
+    loop = EngineLoop(engine)
+    try:
+        finished = []
+        for i in range(6):
+            rid = f"g{i}"
+            loop.watch(rid, lambda out, _t: finished.append(out) if not isinstance(out, BaseException)
+                       and out.finished else None)
+            loop.call(lambda e, rid=rid, i=i: e.add_request(
+                rid, [3 + (i * 7 + j) % 400 for j in range(20 + i)],
+                SamplingParams(max_tokens=12, ignore_eos=True))).result(10)
+        held: list[str] = []
+        for n in range(400):  # reserve / release as fast as possible while the loop steps
+            if engine.reserve(f"v{n}", 1 + n % 30) is not None:
+                held.append(f"v{n}")
+            if len(held) > 2:
+                assert engine.release_reservation(held.pop(0))
+        for rid in held:
+            engine.release_reservation(rid)
+        for _ in range(200):
+            if len(finished) == 6:
+                break
+            time.sleep(0.05)
+        assert len(finished) == 6
+        loop.call(lambda e: e.check_block_accounting()).result(10)
+        stats = loop.call(lambda e: e.stats()).result(10)
+        assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        loop.stop()

@@ -9,6 +9,7 @@ Besides plain generation it offers the split that disaggregation needs:
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -80,6 +81,10 @@ class LLMEngine:
         self._reservations: dict[str, list[int]] = {}
         self._kv_sinks: dict[str, LayerSink] = {}
         self._seed_rng = random.Random(config.seed)
+        # Block accounting may be touched from another thread through reserve()/release_reservation() (a
+        # decode worker reserves without waiting out a step): step() holds this while it schedules and while
+        # it books the results, never during the forward. Reentrant: an engine-thread caller may hold it too.
+        self.state_lock = threading.RLock()
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -153,21 +158,25 @@ class LLMEngine:
 
     # ---- decode role -------------------------------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Blocks for `num_tokens` tokens of KV that will be written from outside; None if they don't fit."""
-        if request_id in self._reservations or request_id in self._seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if self.block_manager.blocks_needed(num_tokens) > self.block_manager.num_free_blocks:
-            return None
-        blocks = self.block_manager.allocate_blocks(num_tokens)
-        self._reservations[request_id] = blocks
-        return blocks
+        """Blocks for `num_tokens` tokens of KV that will be written from outside; None if they don't fit.
+        Thread-safe (`state_lock`): callable between or during steps from any thread."""
+        with self.state_lock:
+            if request_id in self._reservations or request_id in self._seqs:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if self.block_manager.blocks_needed(num_tokens) > self.block_manager.num_free_blocks:
+                return None
+            blocks = self.block_manager.allocate_blocks(num_tokens)
+            self._reservations[request_id] = blocks
+            return blocks
 
     def release_reservation(self, request_id: str) -> bool:
-        blocks = self._reservations.pop(request_id, None)
-        if blocks is None:
-            return False
-        self.block_manager.release_blocks(blocks)
-        return True
+        """Give a reservation's blocks back (thread-safe, like `reserve`)."""
+        with self.state_lock:
+            blocks = self._reservations.pop(request_id, None)
+            if blocks is None:
+                return False
+            self.block_manager.release_blocks(blocks)
+            return True
 
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
                               params: SamplingParams, seed: int | None = None) -> None:
@@ -199,21 +208,23 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         """Run one forward over the scheduled batch; return what each request produced."""
-        batch = self.scheduler.schedule()
+        with self.state_lock:
+            batch = self.scheduler.schedule()
         if batch is None:
             return []
         result = self.runner.run(batch, self._layer_hook(batch))
         outs: list[StepOutput] = []
-        for seq, n, token, logprobs in zip(batch.seqs, batch.num_tokens, result.token_ids, result.logprobs,
-                                           strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
-            if seq.num_computed_tokens < len(seq):  # a prompt chunk: its sampled token means nothing yet
-                continue
-            out = self.outputs.append_token(seq, token, logprobs)
-            if out.finished:
-                self._finish(seq, out)
-            outs.append(out)
+        with self.state_lock:
+            for seq, n, token, logprobs in zip(batch.seqs, batch.num_tokens, result.token_ids, result.logprobs,
+                                               strict=True):
+                seq.num_computed_tokens += n
+                self.block_manager.commit(seq)
+                if seq.num_computed_tokens < len(seq):  # a prompt chunk: its sampled token means nothing yet
+                    continue
+                out = self.outputs.append_token(seq, token, logprobs)
+                if out.finished:
+                    self._finish(seq, out)
+                outs.append(out)
         return outs
 
     def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:

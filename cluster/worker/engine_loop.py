@@ -1,9 +1,11 @@
 """Runs an `LLMEngine` on its own thread, so gRPC handlers never block on a forward pass.
 
 Other threads (or asyncio code) hand the engine thread work with `call(fn)` (run between steps) and
-receive per-request outputs through a callback registered with `watch`. The engine is only ever touched
-by its own thread. `stats` is refreshed after every call and step (before their results are delivered),
-and `on_blocks_freed` (if set) is called on the engine thread whenever KV blocks went back to the pool.
+receive per-request outputs through a callback registered with `watch`. The engine is only touched by
+its own thread, except for its thread-safe `reserve`/`release_reservation`: calls run holding the
+engine's `state_lock`, so they never interleave with a reservation made from another thread. `stats` is
+refreshed after every call and step (before their results are delivered), and `on_blocks_freed` (if set)
+is called on the engine thread whenever KV blocks went back to the pool.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class EngineLoop:
             fn, fut = item
             if fut.set_running_or_notify_cancel():
                 try:
-                    result = fn(self.engine)
+                    with self.engine.state_lock:
+                        result = fn(self.engine)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     self._refresh_stats()
                     fut.set_exception(e)
