@@ -104,8 +104,8 @@ class PairedSendStream(KVSendStream):
         return self.t._left(self.deadline)
 
     @abstractmethod
-    def _begin(self) -> None:
-        """Announce the transfer to the receiver (before any layer). Caller holds pair.lock."""
+    def _begin(self, src: list[int]) -> None:
+        """Announce the transfer of blocks `src` to the receiver (before any layer). Caller holds pair.lock."""
 
     @abstractmethod
     def _send_layers(self, src: list[int], lo: int, hi: int) -> None:
@@ -135,7 +135,7 @@ class PairedSendStream(KVSendStream):
         if self.deadline is None:
             self.deadline = time.monotonic() + self.timeout_s
         if not self.started:
-            self._locked(self._begin)
+            self._locked(self._begin, src)
             self.started = True
         if not self.dst:
             self.sent = upto

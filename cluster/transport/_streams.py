@@ -11,15 +11,16 @@ from cluster.transport.base import TransportError
 _POLL_MIN_S, _POLL_MAX_S = 2e-5, 2e-4  # poll gaps back off: a long wait must not keep taking the GIL
 
 
-def wait_event(event: torch.cuda.Event, deadline: float) -> None:
+def wait_event(event: torch.cuda.Event, deadline: float, max_gap_s: float = _POLL_MAX_S) -> None:
     """Block until `event` has completed; TransportError at `deadline`. Polls (a CUDA wait has no timeout)
-    with gaps growing from 20 us to 0.2 ms, so a wait of tens of ms costs the engine thread little GIL."""
+    with gaps growing from 20 us to `max_gap_s` (0.2 ms: a wait of tens of ms costs the engine thread
+    little GIL; a wait known to be short may poll finer)."""
     gap = _POLL_MIN_S
     while not event.query():
         if time.monotonic() > deadline:
             raise TransportError("KV data did not arrive in time")
         time.sleep(gap)
-        gap = min(gap * 2, _POLL_MAX_S)
+        gap = min(gap * 2, max_gap_s)
 
 
 def wait_stream(stream: torch.cuda.Stream, deadline: float) -> None:

@@ -15,11 +15,14 @@ a prefill it runs beside; scattered ids take the Triton block-to-block kernel (`
 ~370 GB/s). Memory from `expandable_segments` (cuMem VMM) cannot be exported this way: listen() raises.
 
 Control channel: the pair's socket (`_sock_ctl`), one connection per sender, served on its own thread:
-  {"op": "pair"}                                   -> {"status": "ok", "handle", "offset", "shape", "dtype"}
+  {"op": "pair", "event"}                          -> {"status": "ok", "handle", "offset", "shape", "dtype"}
   {"op": "claim", "seq", "rid", "dst", "timeout"}  -> {"seq", "status": "go" | "rejected", "error"}
   (the sender copies layers into the claimed blocks as they become ready, block to block with no staging
-  buffer, on a stream of its own; then waits for that stream with the GIL released)
+  buffer, on a stream of its own)
   {"op": "done", "seq", "rid", "ok", "error"}      -> {"seq", "status": "ok" | "late", "error"}
+"done" with ok=True goes right behind the last copies, not after them: the sender records its link's CUDA
+IPC event ("event" at pairing) after the copies, and the receiver polls that event before it answers, so
+its wake-up overlaps the copy. An abort sends ok=False once the sender's copies have stopped.
 The claim puts the request in WRITING, so a concurrent forget() waits for "done" (bounded by the claim's
 deadline, timeout + grace) and never returns while the sender may still write into those blocks.
 """
@@ -38,12 +41,13 @@ import torch
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport._paired import Link, PairedSendStream, PairedTransport
 from cluster.transport._sock_ctl import CtlConn
-from cluster.transport._streams import device_ids, drain, wait_stream
+from cluster.transport._streams import device_ids, drain, wait_event, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 STREAMING_PROGRAMS = 16  # thread blocks per copy beside a prefill (of 132 SMs on an H100/H200)
 COPY_ENGINE_MAX_RUNS = 8  # more runs of consecutive blocks than this: one kernel beats a copy call per run
 _MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
+_DONE_POLL_MAX_S = 5e-5  # the receiver's poll of a transfer's copies: they end within about a ms
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 
 
@@ -84,6 +88,7 @@ class _IpcLink(Link):
     peer_ptr: int = 0  # the mapped segment base, for ipcCloseMemHandle
     peer_cache: torch.Tensor | None = None
     stream: torch.cuda.Stream | None = None  # where the copies run
+    event: torch.cuda.Event | None = None  # interprocess: recorded after a transfer's copies, polled by the peer
 
 
 class _IpcSendStream(PairedSendStream):
@@ -95,8 +100,9 @@ class _IpcSendStream(PairedSendStream):
         self.idx: tuple[torch.Tensor, torch.Tensor] | None = None
         self.runs: list[tuple[int, int, int]] | None = None
 
-    def _begin(self) -> None:
+    def _begin(self, src: list[int]) -> None:
         self.link.ctl.send({"op": "claim", "seq": self.seq, "rid": self.rid, "dst": self.dst, "timeout": self.left()})
+        self._prepare(src)  # while the claim travels
         reply = self.link.await_reply(self.seq, self.deadline or 0.0)
         if reply.get("status") != "go":
             self.done = True  # nothing to tell the receiver at abort
@@ -108,16 +114,20 @@ class _IpcSendStream(PairedSendStream):
         cache, link = self.t.cache, self.link
         assert link.stream is not None and link.peer_cache is not None
         link.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
-        if self.runs is None:
-            self.runs = block_runs(src, self.dst)
-        if len(self.runs) <= COPY_ENGINE_MAX_RUNS:
+        if self.idx is None:
             self._copy_runs(lo, hi)
             return
         with torch.cuda.stream(link.stream):
-            if self.idx is None:
-                self.idx = device_ids(src, cache.device), device_ids(self.dst, cache.device)
             copy_blocks(cache, link.peer_cache, *self.idx, lo, hi,
                         max_programs=STREAMING_PROGRAMS if self.streaming else None)
+
+    def _prepare(self, src: list[int]) -> None:
+        """Pick the copy: few runs of consecutive ids -> copy engine; else the kernel, ids sent to the GPU now."""
+        self.runs = block_runs(src, self.dst)
+        if len(self.runs) > COPY_ENGINE_MAX_RUNS:
+            assert self.link.stream is not None
+            with torch.cuda.stream(self.link.stream):
+                self.idx = device_ids(src, self.t.cache.device), device_ids(self.dst, self.t.cache.device)
 
     def _copy_runs(self, lo: int, hi: int) -> None:
         """Layers [lo, hi) of each run as one 2D copy-engine copy: rows are (layer, key/value) planes."""
@@ -134,22 +144,31 @@ class _IpcSendStream(PairedSendStream):
                          _MEMCPY_DEVICE_TO_DEVICE, stream.cuda_stream)
 
     def _all_sent(self) -> None:
-        pass  # the receiver cannot see our copies land: "done" follows once our stream has drained
+        """Every copy is enqueued: record the link's event behind them and say "done" now (pair.lock held)."""
+        assert self.link.stream is not None and self.link.event is not None
+        self.link.event.record(self.link.stream)
+        self.link.ctl.send({"op": "done", "seq": self.seq, "rid": self.rid, "ok": True, "error": None})
+        self.ended = True
 
-    def _done(self, ok: bool, error: str | None) -> dict[str, Any]:
-        assert self.link.stream is not None
-        drain(self.link.stream)  # copies always end; waiting with the GIL released costs the engine nothing
-        self._locked(self.link.ctl.send, {"op": "done", "seq": self.seq, "rid": self.rid, "ok": ok, "error": error})
+    def _reply(self) -> dict[str, Any]:
         return self.link.await_reply(self.seq, max(self.deadline or 0.0, time.monotonic() + 1.0))
 
     def _complete(self) -> None:
-        reply = self._done(True, None)
+        # Wait out our copies first (GIL released, the driver spins): a thread asleep in recv() for the whole
+        # copy wakes 0.1-0.5 ms late from a deep CPU idle state; the reply then follows in tens of us.
+        assert self.link.stream is not None
+        drain(self.link.stream)
+        reply = self._reply()
         if reply.get("status") != "ok":  # written after the receiver stopped waiting: report, loudly
             raise TransportRejected(f"KV write of {self.rid!r} into {self.pair.endpoint} was late: "
                                     f"{reply.get('error')}")
 
     def _abort(self) -> None:
-        self._done(False, "the sender aborted the transfer")
+        assert self.link.stream is not None
+        drain(self.link.stream)  # copies always end; waiting with the GIL released costs the engine nothing
+        self._locked(self.link.ctl.send, {"op": "done", "seq": self.seq, "rid": self.rid, "ok": False,
+                                          "error": "the sender aborted the transfer"})
+        self._reply()
 
 
 class CudaIpcTransport(PairedTransport):
@@ -192,6 +211,7 @@ class CudaIpcTransport(PairedTransport):
         still be writing (its kernels outlive its socket), so only time makes the blocks safe again.
         """
         tickets: dict[int, tuple[str, _Expected]] = {}
+        event: torch.cuda.Event | None = None  # the sender's, recorded after each transfer's copies
         while True:
             try:
                 msg = conn.recv(None)
@@ -199,6 +219,7 @@ class CudaIpcTransport(PairedTransport):
                 return
             op, seq = msg["op"], msg.get("seq")
             if op == "pair":
+                event = torch.cuda.Event.from_ipc_handle(self.cache.device, bytes.fromhex(msg["event"]))
                 conn.send(self._export)
             elif op == "claim":
                 rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
@@ -210,7 +231,13 @@ class CudaIpcTransport(PairedTransport):
                 conn.send({"seq": seq, "status": "go"})
             elif op == "done":
                 rid, ticket = tickets.pop(seq, (str(msg["rid"]), None))
-                current = ticket is not None and self._finish(rid, ticket, bool(msg["ok"]), msg.get("error"))
+                ok, error = bool(msg["ok"]), msg.get("error")
+                if ok and ticket is not None and event is not None:
+                    try:  # the copies were enqueued before "done" was sent; they take about a ms
+                        wait_event(event, ticket.write_deadline, max_gap_s=_DONE_POLL_MAX_S)
+                    except TransportError as e:
+                        ok, error = False, str(e)
+                current = ticket is not None and self._finish(rid, ticket, ok, error)
                 conn.send({"seq": seq, "status": "ok" if current else "late",
                            "error": None if current else "the claim lapsed before the write ended"})
 
@@ -218,8 +245,11 @@ class CudaIpcTransport(PairedTransport):
     def _connect(self, endpoint: str, deadline: float) -> _IpcLink:
         cupy = _cupy()
         ctl = CtlConn.connect(endpoint, self._left(deadline))
+        with torch.cuda.device(self._dev):
+            event = torch.cuda.Event(interprocess=True)
+            handle = event.ipc_handle()
         try:
-            ctl.send({"op": "pair"})
+            ctl.send({"op": "pair", "event": handle.hex()})
             try:
                 meta = ctl.recv(self._left(deadline))
             except TimeoutError:
@@ -241,7 +271,7 @@ class CudaIpcTransport(PairedTransport):
             ctl.close()
             raise
         peer = torch.from_dlpack(flat).view(self.layout.dtype).view(shape)
-        return _IpcLink(ctl=ctl, peer_ptr=base, peer_cache=peer, stream=self.side_stream())
+        return _IpcLink(ctl=ctl, peer_ptr=base, peer_cache=peer, stream=self.side_stream(), event=event)
 
     def _close_link(self, link: Link, polite: bool) -> None:
         """Unmap the peer's cache (once our copies are done) and drop the control connection."""

@@ -85,7 +85,7 @@ class _DistSendStream(PairedSendStream):
         self.src_idx: torch.Tensor | None = None
         self.bufs: list[torch.Tensor] = []  # gathered chunks, alive until the receiver has them
 
-    def _begin(self) -> None:
+    def _begin(self, src: list[int]) -> None:
         lay = self.layout
         self.link.ctl.send({"op": "begin", "seq": self.seq, "rid": self.rid, "dst": self.dst, "dtype": str(lay.dtype),
                             "block": [lay.block_size, lay.num_kv_heads, lay.head_dim], "timeout": self.left()})
