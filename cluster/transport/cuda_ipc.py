@@ -39,7 +39,8 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._paired import Link, PairedSendStream, PairedTransport
+from cluster.transport._link import Link
+from cluster.transport._paired import PairedSendStream, PairedTransport
 from cluster.transport._sock_ctl import CtlConn
 from cluster.transport._streams import device_ids, drain, wait_event, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected

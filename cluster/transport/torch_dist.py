@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 from cluster.engine.kv_layout import KVLayout
 from cluster.transport._dist_receiver import DistReceiver, first_line, td
-from cluster.transport._paired import Link, PairedSendStream, PairedTransport
+from cluster.transport._link import Link
+from cluster.transport._paired import PairedSendStream, PairedTransport
 from cluster.transport._sock_ctl import CtlConn
 from cluster.transport._streams import device_ids
 from cluster.transport.base import TransportError, TransportRejected, parse_endpoint
