@@ -254,20 +254,22 @@ class LLMEngine:
             self.scheduler.remove(seq)
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running),
-            num_free_blocks=self.block_manager.num_free_blocks,
-            num_total_blocks=self.block_manager.num_usable_blocks,
-            num_reserved_blocks=sum(len(b) for b in self._reservations.values()),
-            num_prefilled_held=len(self._prefilled),
-            num_preemptions=self.scheduler.num_preemptions,
-            num_prefix_cached_blocks=len(self.block_manager.hash_to_block),
-        )
+        with self.state_lock:  # a reservation from another thread must not change what we count mid-count
+            return EngineStats(
+                num_waiting=len(self.scheduler.waiting),
+                num_running=len(self.scheduler.running),
+                num_free_blocks=self.block_manager.num_free_blocks,
+                num_total_blocks=self.block_manager.num_usable_blocks,
+                num_reserved_blocks=sum(len(b) for b in self._reservations.values()),
+                num_prefilled_held=len(self._prefilled),
+                num_preemptions=self.scheduler.num_preemptions,
+                num_prefix_cached_blocks=len(self.block_manager.hash_to_block),
+            )
 
     def check_block_accounting(self) -> None:
         """Raise unless every block is free or owned by a live request, reservation or held prefill."""
-        tables = [s.block_table for s in self._seqs.values()]
-        tables += [s.block_table for s in self._prefilled.values()]
-        tables += list(self._reservations.values())
-        self.block_manager.check_invariants(tables)
+        with self.state_lock:
+            tables = [s.block_table for s in self._seqs.values()]
+            tables += [s.block_table for s in self._prefilled.values()]
+            tables += list(self._reservations.values())
+            self.block_manager.check_invariants(tables)
