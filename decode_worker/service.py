@@ -40,7 +40,7 @@ class DecodeServicer(WorkerServicerBase):
         if n < 1 or request.lease_ms < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens and lease_ms must be >= 1")
         try:
-            blocks = self.loop.engine.reserve(rid, n)  # thread-safe: no wait for the engine's current step
+            blocks = self.loop.reserve(rid, n)  # thread-safe: no wait for the engine's current step
         except ValueError as e:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         if blocks is None:

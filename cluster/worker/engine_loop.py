@@ -3,9 +3,9 @@
 Other threads (or asyncio code) hand the engine thread work with `call(fn)` (run between steps) and
 receive per-request outputs through a callback registered with `watch`. The engine is only touched by
 its own thread, except for its thread-safe `reserve`/`release_reservation`: calls run holding the
-engine's `state_lock`, so they never interleave with a reservation made from another thread. `stats` is
-refreshed after every call and step (before their results are delivered), and `on_blocks_freed` (if set)
-is called on the engine thread whenever KV blocks went back to the pool.
+engine's `state_lock`, so they never interleave with a reservation made from another thread (`reserve`).
+`stats` is refreshed after every call, step and reservation (before their results are delivered), and
+`on_blocks_freed` (if set) is called by the thread that saw KV blocks go back to the pool.
 """
 
 from __future__ import annotations
@@ -125,9 +125,17 @@ class EngineLoop:
                     cb(out, started)
         self._fail_all(RuntimeError("engine loop stopped"))
 
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """`LLMEngine.reserve` from any thread, without waiting for the current step; `stats` show it at once."""
+        blocks = self.engine.reserve(request_id, num_tokens)
+        self._refresh_stats()
+        return blocks
+
     def _refresh_stats(self) -> None:
-        old, self.stats = self.stats, self.engine.stats()
-        if self.on_blocks_freed is not None and self.stats.num_free_blocks > old.num_free_blocks:
+        with self.engine.state_lock:  # the engine thread and reserve(): each increase is seen by exactly one
+            old, self.stats = self.stats, self.engine.stats()
+            new = self.stats
+        if self.on_blocks_freed is not None and new.num_free_blocks > old.num_free_blocks:
             try:
                 self.on_blocks_freed()
             except Exception:  # the hook's event loop is gone (shutdown): nobody to tell
