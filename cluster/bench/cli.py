@@ -1,4 +1,4 @@
-"""Arguments of `pdserve bench {engine,latency,serve,kv}`; each runner is imported only when it runs."""
+"""Arguments of `pdserve bench {engine,latency,serve,kv,compare,blocks}`; each runner is imported only when it runs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ _RUNNERS = {
     "serve": ("cluster.bench.serve_bench", "run_serve_bench"),
     "kv": ("cluster.bench.kv_bench", "run_kv_bench"),
     "compare": ("cluster.bench.compare_bench", "run_compare_bench"),
+    "blocks": ("cluster.bench.blocks_bench", "run_blocks_bench"),
 }
 
 
@@ -122,15 +123,23 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     add_compare_args(p)
 
 
+def _blocks_args(p: argparse.ArgumentParser) -> None:
+    from cluster.bench.blocks_bench import add_blocks_args
+
+    add_blocks_args(p)
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
-    """Add the `engine`, `latency`, `serve` and `kv` subcommands to `parser`."""
+    """Add the `pdserve bench` subcommands to `parser`."""
     sub = parser.add_subparsers(dest="bench", required=True)
     specs = (("engine", "offline throughput of the engine (optionally vs transformers)", _engine_args),
              ("latency", "decode step / prefill latency against measured hardware limits", _latency_args),
              ("serve", "latency, throughput and goodput of a running cluster at request rates", _serve_args),
              ("kv", "KV handoff between two processes per transport vs raw point-to-point", _kv_args),
              ("compare", "disaggregated vs colocated serving on the same GPUs: SLO attainment per rate",
-              _compare_args))
+              _compare_args),
+             ("blocks", "how fragmented handoff block ids get under churn (the cuda_ipc copy path), no GPU",
+              _blocks_args))
     for name, help_text, add in specs:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
