@@ -1,5 +1,6 @@
 """`pdserve bench kv` on CPU: the repeat capping and argument checks, then real runs (two spawned processes,
-gloo and grpc, tiny shapes) through the CLI, checked against the JSON they write."""
+gloo and grpc, tiny shapes) through the CLI, checked against the JSON they write. Also `bench blocks`, the
+block-id fragmentation that decides cuda_ipc's copy path."""
 
 from __future__ import annotations
 
@@ -144,3 +145,33 @@ def test_bench_kv_receiver_busy(tmp_path: Path):
     r = _result(tmp_path)
     assert r["receiver_busy"] is True and r["switch_interval_ms"] == 0.5 and r["problems"] == []
     assert r["results"][0]["verified"] is True
+
+
+def test_freed_blocks_come_back_as_one_run():
+    """Blocks return to the free list tail first; an allocation still takes them in ascending order, so a
+    request that reuses a finished one's blocks sends them as ONE run (cuda_ipc: one copy-engine copy)."""
+    from cluster.engine.block_manager import BlockManager
+    from cluster.transport.cuda_ipc import block_runs
+
+    bm = BlockManager(64, 16)
+    first = bm.allocate_blocks(16 * 20)
+    bm.release_blocks(first)
+    bm.allocate_blocks(16 * 43)  # the rest of the never-used blocks
+    again = bm.allocate_blocks(16 * 20)
+    assert sorted(again) == sorted(first) and block_runs(again, list(range(100, 120))) == [(first[0], 100, 20)]
+
+
+def test_bench_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The replay through real BlockManagers: with short outputs and a big cache nothing fragments (one run
+    per transfer); with churn the decode side fragments, and the JSON says how much."""
+    rc = main(["bench", "blocks", "--transfers", "30", "--output-range", "1,1", "--arrival-prob", "1",
+               "--out", str(tmp_path / "calm")])
+    calm = json.loads(next((tmp_path / "calm").glob("blocks-*/result.json")).read_text())
+    assert rc == 0 and calm["pair_runs"]["median"] == 1 and calm["share_copy_engine"] == 1.0
+    assert main(["bench", "blocks", "--transfers", "300", "--decode-blocks", "20000",
+                 "--out", str(tmp_path / "busy")]) == 0
+    busy = json.loads(next((tmp_path / "busy").glob("blocks-*/result.json")).read_text())
+    assert busy["pair_runs"]["median"] >= busy["dst_runs"]["median"] > 1 and busy["transfers"] == 200
+    assert "copy-engine path" in capsys.readouterr().out
+    assert main(["bench", "blocks", "--arrival-prob", "0", "--out", str(tmp_path)]) == 2
+    assert "--arrival-prob must be in (0, 1]" in capsys.readouterr().err

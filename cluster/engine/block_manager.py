@@ -84,8 +84,7 @@ class BlockManager:
         hits = self._cached_prefix(seq)
         for block in hits:
             self._acquire(block)
-        seq.block_table = hits + [self._take_free_block()
-                                  for _ in range(self.blocks_needed(len(seq)) - len(hits))]
+        seq.block_table = hits + self._take_fresh(self.blocks_needed(len(seq)) - len(hits))
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
 
@@ -94,7 +93,14 @@ class BlockManager:
         n = self.blocks_needed(num_tokens)
         if n > self.num_free_blocks:
             raise RuntimeError(f"not enough free KV blocks: need {n}, have {self.num_free_blocks}")
-        return [self._take_free_block() for _ in range(n)]
+        return self._take_fresh(n)
+
+    def _take_fresh(self, n: int) -> list[int]:
+        """`n` blocks off the free list, in ascending id order. Which blocks (and so which cached ones are
+        evicted) is the free list's choice; the order only decides where each token goes. Ascending keeps the
+        runs that blocks freed together came back as (they return tail first), so a handoff moves fewer
+        pieces (`pdserve bench blocks`; cuda_ipc copies each run of consecutive ids as one copy)."""
+        return sorted(self._take_free_block() for _ in range(n))
 
     def release_blocks(self, blocks: list[int]) -> None:
         """Drop one reference to each block; the last reference returns it to the free list."""
