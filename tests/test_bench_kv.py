@@ -161,6 +161,24 @@ def test_freed_blocks_come_back_as_one_run():
     assert sorted(again) == sorted(first) and block_runs(again, list(range(100, 120))) == [(first[0], 100, 20)]
 
 
+def test_growth_takes_the_lowest_free_block_without_a_prefix_cache():
+    """No prefix cache (decode workers): growth fills the lowest hole, so the long free run stays whole."""
+    from cluster.engine.block_manager import BlockManager
+
+    bm = BlockManager(40, 16, enable_prefix_caching=False)
+    a, b = bm.allocate_blocks(16 * 5), bm.allocate_blocks(16 * 5)  # [1..5], [6..10]
+    bm.release_blocks(a)
+    assert [bm.grow_block(), bm.grow_block()] == [1, 2]  # not 11, 12 from the free list's front
+    assert bm.allocate_blocks(16 * 29) == list(range(11, 40))  # the untouched run, in one piece
+    for _ in range(100):  # FIFO churn: heap entries pile up (3 per round) until a rebuild clears them
+        bm.release_blocks(bm.allocate_blocks(16 * 3))
+    assert len(bm._lowest or []) > 2 * bm.num_blocks
+    assert bm.grow_block() == 3 and len(bm._lowest or []) <= 2 * bm.num_blocks
+    with_cache = BlockManager(40, 16)
+    with_cache.release_blocks(with_cache.allocate_blocks(16 * 5))
+    assert with_cache.grow_block() == 6  # with a prefix cache: the free list's front (LRU eviction order)
+
+
 def test_bench_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The replay through real BlockManagers: with short outputs and a big cache nothing fragments (one run
     per transfer); with churn the decode side fragments, and the JSON says how much."""

@@ -24,19 +24,20 @@ ops = st.lists(
 
 @pytest.fixture(scope="module")
 def make_engine(tiny_llama):
-    def make(chunked: bool) -> LLMEngine:  # a fresh engine per example: no state leaks between examples
+    def make(chunked: bool, prefix_caching: bool = True) -> LLMEngine:  # fresh per example: no leaks between
         return LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=20, block_size=8, max_num_seqs=4,
                                       max_num_batched_tokens=32 if chunked else 128,
-                                      enable_chunked_prefill=chunked))
+                                      enable_chunked_prefill=chunked, enable_prefix_caching=prefix_caching))
 
     return make
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize(("chunked", "prefix_caching"), [(False, True), (True, True), (False, False)])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
-def test_random_operations_free_every_block(make_engine, chunked, ops):
-    engine = make_engine(chunked)
+def test_random_operations_free_every_block(make_engine, chunked, prefix_caching, ops):
+    """(Without a prefix cache, decode growth takes the lowest free id through a lazily cleaned heap.)"""
+    engine = make_engine(chunked, prefix_caching)
     ids: list[str] = []
     for n, op in enumerate(ops):
         kind = op[0]

@@ -56,6 +56,8 @@ def test_concurrent_requests_match_offline(harness, offline):
     assert got == offline
     stats = harness.wait_all_blocks_free()
     assert {s.role for s in stats} == {"prefill", "decode"} and len(stats) == 4
+    # prefill workers keep a prefix cache; decode workers keep none (their prompts arrive as KV)
+    assert all((s.num_prefix_cached_blocks > 0) == (s.role == "prefill") for s in stats)
 
 
 def test_text_matches_offline(harness, tiny_llama):

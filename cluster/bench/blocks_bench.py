@@ -34,7 +34,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, int]]:
     rng = random.Random(args.seed)
     (in_lo, in_hi), (out_lo, out_hi) = parse_range(args.input_range), parse_range(args.output_range)
     prefill = BlockManager(args.prefill_blocks, args.block_size)
-    decode = BlockManager(args.decode_blocks, args.block_size)
+    decode = BlockManager(args.decode_blocks, args.block_size, enable_prefix_caching=False)  # as decode workers
     live: list[tuple[int, list[int], list[int]]] = []  # (tokens left to generate, tokens so far, blocks)
     rows: list[dict[str, int]] = []
     while len(rows) < args.transfers:
@@ -51,7 +51,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, int]]:
         for left, tokens, blocks in live:
             tokens[0] += 1
             if decode.blocks_needed(tokens[0]) > len(blocks):
-                blocks.extend(decode.allocate_blocks(decode.block_size))
+                blocks.append(decode.grow_block())
             if left > 1:
                 still.append((left - 1, tokens, blocks))
             else:

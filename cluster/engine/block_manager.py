@@ -8,6 +8,7 @@ the least recently freed cached block first.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 from cluster.engine.sequence import Sequence
@@ -27,6 +28,10 @@ class BlockManager:
         self.block_hash: list[str | None] = [None] * num_blocks
         self.hash_to_block: dict[str, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        # Without a prefix cache no eviction order matters, so decode growth takes the LOWEST free id: it fills
+        # holes and leaves the long free runs whole for the next reservation (`pdserve bench blocks`). A heap
+        # with lazy deletion: entries of blocks taken from the free list's front are skipped when popped.
+        self._lowest: list[int] | None = None if enable_prefix_caching else list(range(1, num_blocks))
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -110,6 +115,8 @@ class BlockManager:
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
                 self.free[block] = None
+                if self._lowest is not None:
+                    heapq.heappush(self._lowest, block)
 
     def free_sequence(self, seq: Sequence) -> None:
         self.release_blocks(seq.block_table)
@@ -124,7 +131,23 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         while self.blocks_needed(len(seq)) > len(seq.block_table):
-            seq.block_table.append(self._take_free_block())
+            seq.block_table.append(self.grow_block())
+
+    def grow_block(self) -> int:
+        """One more block for a growing sequence: the free list's front (LRU eviction), or without a prefix
+        cache the lowest free id. Every free block has an entry in the heap."""
+        heap = self._lowest
+        if heap is None:
+            return self._take_free_block()
+        if len(heap) > 2 * self.num_blocks:  # mostly stale entries: start over from the free list
+            heap[:] = list(self.free)
+            heapq.heapify(heap)
+        while True:
+            block = heapq.heappop(heap)
+            if self.ref_count[block] == 0:
+                del self.free[block]
+                self.ref_count[block] = 1
+                return block
 
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of blocks whose every token now has KV in the cache."""

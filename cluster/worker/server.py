@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import sys
@@ -17,6 +18,7 @@ import uuid
 import grpc
 from pdserve.v1 import worker_pb2_grpc as wpb_grpc
 
+from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
 from cluster.registry import AsyncRegistry, WorkerInfo, WorkerLoad
 from cluster.transport import KVTransport, create_transport
@@ -46,7 +48,7 @@ class WorkerServer:
         """Load the model, start serving and register; returns the worker's gRPC address."""
         cfg = self.config
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)  # the whole process: one worker per process
-        engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+        engine = await asyncio.to_thread(LLMEngine, self._engine_config())
         self.loop = EngineLoop(engine)
         self.servicer, endpoint = await self._make_servicer(engine, self.loop)
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -67,6 +69,14 @@ class WorkerServer:
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("worker %s (%s) serving on %s", self.worker_id, cfg.role, self.address)
         return self.address
+
+    def _engine_config(self) -> EngineConfig:
+        """The role's engine. A decode worker keeps no prefix cache: its prompts arrive as KV, it never prefills
+        them, and without one its growing sequences take the lowest free block ids, which keeps the blocks of
+        the next KV handoff in few runs (cuda_ipc moves each run as one copy; `BlockManager.grow_block`)."""
+        if self.config.role == "decode":
+            return dataclasses.replace(self.config.engine, enable_prefix_caching=False)
+        return self.config.engine
 
     async def _make_servicer(self, engine: LLMEngine, loop: EngineLoop) -> tuple[WorkerServicerBase, str]:
         """The role's servicer (and its KV transport, if the role moves KV) and the transport's endpoint."""
