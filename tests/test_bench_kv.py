@@ -166,8 +166,9 @@ def test_growth_takes_the_lowest_free_block_without_a_prefix_cache():
     from cluster.engine.block_manager import BlockManager
 
     bm = BlockManager(40, 16, enable_prefix_caching=False)
-    a, b = bm.allocate_blocks(16 * 5), bm.allocate_blocks(16 * 5)  # [1..5], [6..10]
-    bm.release_blocks(a)
+    first = bm.allocate_blocks(16 * 5)
+    assert bm.allocate_blocks(16 * 5) == [6, 7, 8, 9, 10]  # held: the hole [1..5] opens below it
+    bm.release_blocks(first)
     assert [bm.grow_block(), bm.grow_block()] == [1, 2]  # not 11, 12 from the free list's front
     assert bm.allocate_blocks(16 * 29) == list(range(11, 40))  # the untouched run, in one piece
     for _ in range(100):  # FIFO churn: heap entries pile up (3 per round) until a rebuild clears them
