@@ -236,8 +236,8 @@ class CudaIpcTransport(PairedTransport):
                 if ok and ticket is not None and event is not None:
                     try:  # the copies were enqueued before "done" was sent; they take about a ms
                         wait_event(event, ticket.write_deadline, max_gap_s=_DONE_POLL_MAX_S)
-                    except TransportError as e:
-                        ok, error = False, str(e)
+                    except (TransportError, RuntimeError) as e:  # late, or a CUDA error (the sender died)
+                        ok, error = False, f"the sender's copies did not complete: {e}"
                 current = ticket is not None and self._finish(rid, ticket, ok, error)
                 conn.send({"seq": seq, "status": "ok" if current else "late",
                            "error": None if current else "the claim lapsed before the write ended"})
