@@ -29,35 +29,77 @@ def _runs(src: list[int], dst: list[int]) -> int:
     return len(block_runs(src, dst))
 
 
-def replay(args: argparse.Namespace) -> list[dict[str, int]]:
-    """One row per transfer: blocks, runs on the source side, on the destination side, and for the pair."""
-    rng = random.Random(args.seed)
-    (in_lo, in_hi), (out_lo, out_hi) = parse_range(args.input_range), parse_range(args.output_range)
-    prefill = BlockManager(args.prefill_blocks, args.block_size)
-    decode = BlockManager(args.decode_blocks, args.block_size, enable_prefix_caching=False)  # as decode workers
-    live: list[tuple[int, list[int], list[int]]] = []  # (tokens left to generate, tokens so far, blocks)
-    rows: list[dict[str, int]] = []
-    while len(rows) < args.transfers:
-        if rng.random() < args.arrival_prob:
-            prompt, output = rng.randint(in_lo, in_hi), rng.randint(out_lo, out_hi)
-            if prefill.blocks_needed(prompt) <= prefill.num_free_blocks and \
-                    decode.blocks_needed(prompt + output) <= decode.num_free_blocks:
-                src, dst = prefill.allocate_blocks(prompt), decode.allocate_blocks(prompt)
-                rows.append({"blocks": len(src), "src_runs": _runs(src, src), "dst_runs": _runs(dst, dst),
-                             "pair_runs": _runs(src, dst)})
-                prefill.release_blocks(src)
-                live.append((output, [prompt], dst))
+class Churn:
+    """A prefill side and a decode side, two real `BlockManager`s configured as the workers' are, under a
+    replayed workload. `step()` advances one decode token per live request; `arrive()` hands one prompt over."""
+
+    def __init__(self, prefill_blocks: int, decode_blocks: int, block_size: int) -> None:
+        self.prefill = BlockManager(prefill_blocks, block_size)
+        self.decode = BlockManager(decode_blocks, block_size, enable_prefix_caching=False)  # as decode workers
+        self.live: list[tuple[int, list[int], list[int]]] = []  # (tokens left to generate, [tokens], blocks)
+
+    def arrive(self, prompt: int, output: int) -> tuple[list[int], list[int]] | None:
+        """The handoff of a `prompt`-token request that will generate `output` tokens: (source ids,
+        destination ids), or None when either side is full. The source blocks are freed at once (sent)."""
+        owed = sum(self.decode.blocks_needed(tokens[0] + left) - len(blocks) for left, tokens, blocks in self.live)
+        if self.prefill.blocks_needed(prompt) > self.prefill.num_free_blocks or \
+                self.decode.blocks_needed(prompt + output) > self.decode.num_free_blocks - owed:
+            return None  # admitted requests can always grow to their full length: no waiting, no deadlock
+        src, dst = self.prefill.allocate_blocks(prompt), self.decode.allocate_blocks(prompt)
+        self.prefill.release_blocks(src)
+        self.live.append((output, [prompt], dst))
+        return src, list(dst)  # a copy: the live list grows as the request decodes
+
+    def step(self) -> None:
         still: list[tuple[int, list[int], list[int]]] = []
-        for left, tokens, blocks in live:
+        for left, tokens, blocks in self.live:
             tokens[0] += 1
-            if decode.blocks_needed(tokens[0]) > len(blocks):
-                blocks.append(decode.grow_block())
+            if self.decode.blocks_needed(tokens[0]) > len(blocks):
+                blocks.append(self.decode.grow_block())
             if left > 1:
                 still.append((left - 1, tokens, blocks))
             else:
-                decode.release_blocks(blocks)
-        live = still
-    return rows
+                self.decode.release_blocks(blocks)
+        self.live = still
+
+
+def churn(churn_: Churn, transfers: int, input_range: tuple[int, int], output_range: tuple[int, int],
+          arrival_prob: float, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Run arrivals (Bernoulli per step) and steps until `transfers` handoffs happened; their ids."""
+    rng = random.Random(seed)
+    done: list[tuple[list[int], list[int]]] = []
+    while len(done) < transfers:
+        if rng.random() < arrival_prob:
+            ids = churn_.arrive(rng.randint(*input_range), rng.randint(*output_range))
+            if ids is not None:
+                done.append(ids)
+        churn_.step()
+    return done
+
+
+def churned_ids(num_blocks: int, block_size: int, n_blocks: int, seed: int) -> tuple[list[int], list[int]]:
+    """Source and destination ids of an `n_blocks` handoff between two caches of `num_blocks` blocks that have
+    served a while (`bench kv --churned-ids`): prompts of n/2 to 2n blocks, 64-256 output tokens, arrivals
+    keeping the decode side about half full."""
+    c = Churn(num_blocks, num_blocks, block_size)
+    tokens = n_blocks * block_size
+    arrival = min(1.0, 0.5 * num_blocks / (160 * 1.25 * n_blocks + 1))
+    churn(c, 200, (max(1, tokens // 2), 2 * tokens), (64, 256), arrival, seed)
+    for _ in range(10_000):  # the handoff waits for room, as a reservation would
+        ids = c.arrive(tokens, 1)
+        if ids is not None:
+            return ids
+        c.step()
+    raise RuntimeError(f"no room for a {n_blocks}-block handoff in {num_blocks}-block caches")
+
+
+def replay(args: argparse.Namespace) -> list[dict[str, int]]:
+    """One row per transfer: blocks, runs on the source side, on the destination side, and for the pair."""
+    c = Churn(args.prefill_blocks, args.decode_blocks, args.block_size)
+    ids = churn(c, args.transfers, parse_range(args.input_range), parse_range(args.output_range),
+                args.arrival_prob, args.seed)
+    return [{"blocks": len(src), "src_runs": _runs(src, src), "dst_runs": _runs(dst, dst),
+             "pair_runs": _runs(src, dst)} for src, dst in ids]
 
 
 def summarize(rows: list[dict[str, int]], max_runs: int) -> dict[str, Any]:

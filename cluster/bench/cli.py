@@ -112,6 +112,9 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contiguous-ids", action="store_true",
                    help="send consecutive block ids on both sides (a fresh request in an unfragmented cache) "
                         "instead of scattered ones (a fragmented cache, the default)")
+    p.add_argument("--churned-ids", action="store_true",
+                   help="block ids as the workers' allocators hand them out after serving a while (the `bench "
+                        "blocks` replay, in caches of 16 longest prompts)")
     p.add_argument("--prefill", action="store_true",
                    help="also time each prompt's prefill on the sender (--model with weights): alone, with the KV "
                         "streamed layer by layer, and with one send after it")

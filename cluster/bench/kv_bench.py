@@ -3,13 +3,14 @@
 Two spawned processes (see `kv_worker`): the sender on `cuda:A` (or the CPU), the receiver on `cuda:B`;
 both see every GPU and pick theirs by index. Each allocates a paged KV cache for the model shape, sized
 for the longest prompt plus spare blocks; the sender fills its cache with seeded random values. Per
-(transport, prompt length) the sender times `send()` of the prompt's blocks (scattered ids on both sides; one
-run of consecutive ids with --contiguous-ids) into blocks the receiver has `expect()`ed; the first transfer
-is checked bit for bit (and that nothing else in the receiver's cache changed). In the same processes, on
-the same devices, a plain torch.distributed send of one contiguous tensor of the same byte count plus a
-1-element ack (gloo on CPU, NCCL on CUDA) is the raw reference: `ratio = raw_p2p_ms / handoff_ms` is the
-fraction of raw bandwidth the handoff achieves. No weights are loaded: only the shape (config.json or a named
-shape) is used.
+(transport, prompt length) the sender times `send()` of the prompt's blocks into blocks the receiver has
+`expect()`ed: scattered ids on both sides; one run of consecutive ids with --contiguous-ids; or with
+--churned-ids what the workers' allocators hand out after serving a while (caches of 16 longest prompts).
+The first transfer is checked bit for bit (and that nothing else in the receiver's cache changed). In the
+same processes, on the same devices, a plain torch.distributed send of one contiguous tensor of the same
+byte count plus a 1-element ack (gloo on CPU, NCCL on CUDA) is the raw reference: `ratio = raw_p2p_ms /
+handoff_ms` is the fraction of raw bandwidth the handoff achieves. No weights are loaded: only the shape
+(config.json or a named shape) is used.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cluster.bench.report import device_name, metadata, run_dir, spec_summary, w
 
 CPU_TRANSPORTS, CUDA_TRANSPORTS = ("gloo", "grpc"), ("nccl", "cuda_ipc", "grpc")
 _SPARE_BLOCKS = 8
+_CHURN_ROOM = 16
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -207,14 +209,18 @@ def run_kv_bench(args: argparse.Namespace) -> int:
     spec, model = resolve_spec(args)
     layout = KVLayout(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                       block_size=args.block_size, dtype=getattr(torch, args.dtype))
-    num_blocks = layout.blocks_for_tokens(max(prompt_lens)) + _SPARE_BLOCKS
+    if args.contiguous_ids and args.churned_ids:
+        raise ValueError("give at most one of --contiguous-ids and --churned-ids")
+    # churned ids need room to churn in: caches of _CHURN_ROOM longest prompts
+    num_blocks = layout.blocks_for_tokens(max(prompt_lens)) * (_CHURN_ROOM if args.churned_ids else 1) \
+        + _SPARE_BLOCKS
     raw_backend = "nccl" if args.device == "cuda" else "gloo"
     plan = Plan(layout=layout, num_blocks=num_blocks, devices=devices, raw_backend=raw_backend,
                 transports=tuple(transports), prompt_lens=tuple(prompt_lens), warmup=args.warmup,
                 repeats=args.repeats, min_repeats=args.min_repeats, case_budget_s=args.case_budget_s,
                 send_timeout_s=args.send_timeout, seed=args.seed,
                 prefill_model=str(args.model) if args.prefill else None, receiver_busy=args.receiver_busy,
-                contiguous_ids=args.contiguous_ids,
+                contiguous_ids=args.contiguous_ids, churned_ids=args.churned_ids,
                 switch_interval_s=args.switch_interval_ms / 1e3 if args.switch_interval_ms else None)
     meta = metadata("kv", args, args.device, args.model)
     t0 = time.perf_counter()
@@ -232,7 +238,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                     "names": [device_name(d) for d in devices]},
         "raw_backend": raw_backend,
         "raw_method": "one contiguous tensor sender->receiver + 1-element ack back, same processes/devices",
-        "receiver_busy": args.receiver_busy, "contiguous_ids": args.contiguous_ids,
+        "receiver_busy": args.receiver_busy, "contiguous_ids": args.contiguous_ids, "churned_ids": args.churned_ids,
         "switch_interval_ms": args.switch_interval_ms,
         "wall_s": wall, "raw": raw_rows, "results": rows, "prefill": prefill, "problems": problems,
     }

@@ -29,6 +29,7 @@ class Plan:
     prefill_model: str | None = None  # with weights: also time prefill alone / streamed / bulk (kv_prefill)
     receiver_busy: bool = False  # a pure-Python thread spins in the receiver, as a busy decode engine does
     contiguous_ids: bool = False  # consecutive block ids on both sides instead of scattered ones
+    churned_ids: bool = False  # ids as two caches that have served a while hand them out (bench blocks' replay)
     switch_interval_s: float | None = None  # sys.setswitchinterval in both processes (None: Python's 5 ms)
 
 
@@ -52,10 +53,15 @@ def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_
 
 
 def block_ids(plan: Plan, n: int) -> tuple[list[int], list[int]]:
-    """Seeded, scattered source and destination block ids (as in a fragmented engine cache), or with
-    `plan.contiguous_ids` one run of consecutive ids on each side, at different offsets."""
+    """Seeded, scattered source and destination block ids (a fully fragmented cache); with
+    `plan.contiguous_ids` one run of consecutive ids on each side, at different offsets; with
+    `plan.churned_ids` the ids the workers' allocators hand out after serving a while."""
     if plan.contiguous_ids:
         return list(range(n)), list(range(plan.num_blocks - n, plan.num_blocks))
+    if plan.churned_ids:
+        from cluster.bench.blocks_bench import churned_ids
+
+        return churned_ids(plan.num_blocks, plan.layout.block_size, n, plan.seed + n)
     g = torch.Generator().manual_seed(plan.seed + n)
     return (torch.randperm(plan.num_blocks, generator=g)[:n].tolist(),
             torch.randperm(plan.num_blocks, generator=g)[:n].tolist())

@@ -136,6 +136,8 @@ class BlockManager:
     def grow_block(self) -> int:
         """One more block for a growing sequence: the free list's front (LRU eviction), or without a prefix
         cache the lowest free id. Every free block has an entry in the heap."""
+        if not self.free:
+            raise RuntimeError("no free KV block to grow into (check can_append first)")
         heap = self._lowest
         if heap is None:
             return self._take_free_block()
