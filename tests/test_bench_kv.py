@@ -180,6 +180,19 @@ def test_growth_takes_the_lowest_free_block_without_a_prefix_cache():
     assert with_cache.grow_block() == 6  # with a prefix cache: the free list's front (LRU eviction order)
 
 
+def test_bench_kv_churned_ids(tmp_path: Path):
+    """--churned-ids: ids from the allocator replay, in caches of 16 longest prompts; still bit-exact."""
+    from cluster.bench.blocks_bench import churned_ids
+
+    src, dst = churned_ids(16 * 32 + 8, 16, 32, 0)
+    assert len(src) == len(set(src)) == 32 == len(dst) == len(set(dst)) and max(src + dst) < 16 * 32 + 8
+    assert main(["bench", "kv", "--shape", "tiny", "--prompt-len", "64", "--transport", "gloo", "--dtype",
+                 "float32", "--repeats", "2", "--churned-ids", "--out", str(tmp_path)]) == 0
+    r = _result(tmp_path)
+    assert r["churned_ids"] is True and r["layout"]["cache_blocks"] == 16 * 4 + 8
+    assert r["results"][0]["verified"] is True and r["problems"] == []
+
+
 def test_bench_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The replay through real BlockManagers: with short outputs and a big cache nothing fragments (one run
     per transfer); with churn the decode side fragments, and the JSON says how much."""
