@@ -8,6 +8,7 @@ preempted: its blocks are freed and it is recomputed later from its tokens (free
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -30,8 +31,8 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_tokens: list[int]
 
-    @property
-    def is_prefill(self) -> bool:
+    @functools.cached_property
+    def is_prefill(self) -> bool:  # once per step, before the step advances the sequences
         return any(n != 1 or s.num_computed_tokens != len(s) - 1 for s, n in zip(self.seqs, self.num_tokens,
                                                                                  strict=True))
 
@@ -90,9 +91,7 @@ class Scheduler:
                     raise RuntimeError(f"request {seq.request_id} needs more KV blocks than the cache has")
                 break
             self.blocks.allocate(seq)
-            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
-            seq.status = SeqStatus.RUNNING
-            self.waiting.popleft()
+            self._admit()
             self.running.append(seq)
             chunk = min(seq.num_new_tokens, budget)
             budget -= chunk
@@ -126,12 +125,16 @@ class Scheduler:
                 self.blocks.free_sequence(seq)
                 break
             budget -= seq.num_new_tokens
-            seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
-            seq.status = SeqStatus.RUNNING
-            self.waiting.popleft()
+            self._admit()
             scheduled.append(seq)
         self.running.extend(scheduled)
         return scheduled
+
+    def _admit(self) -> None:
+        """The head of the waiting queue (its blocks allocated) starts running."""
+        seq = self.waiting.popleft()
+        seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+        seq.status = SeqStatus.RUNNING
 
     def _can_ever_fit(self, seq: Sequence) -> bool:
         return self.blocks.blocks_needed(len(seq)) <= self.blocks.num_usable_blocks
