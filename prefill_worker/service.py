@@ -1,9 +1,9 @@
 """The prefill role: run prompts (batched by the engine with other requests), sample the first token,
 push the prompt's KV into the decode worker's reservation, then free the blocks here.
 
-By default the KV streams out layer by layer during the forward that completes the prompt (the engine
-calls the transport's send stream after each layer), so only the last chunk and the receiver's answer
-remain once the prefill ends."""
+The KV goes through the transport's send stream. By default it streams out layer by layer during the
+forward that completes the prompt (the engine calls the stream after each layer), so only the last chunk
+and the receiver's answer remain once the prefill ends; with `kv_stream_layers` off it all goes at the end."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class PrefillServicer(WorkerServicerBase):
                                 f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
         tokens = list(request.token_ids)
         stream = None
-        if self.config.kv_stream_layers and dest.block_ids:  # layer by layer, while the prefill runs
+        if dest.block_ids:
             try:
                 stream = await self.blocking(self.transport.open_send, dest.transport_endpoint, rid,
                                              list(dest.block_ids), self.config.kv_send_timeout_s)
@@ -46,7 +46,7 @@ class PrefillServicer(WorkerServicerBase):
 
         def add(engine):
             engine.add_request(rid, tokens, params, prefill_only=True)
-            if stream is not None:
+            if stream is not None and self.config.kv_stream_layers:  # layer by layer, while the prefill runs
                 engine.stream_kv(rid, stream)
 
         t_submit = time.perf_counter()
@@ -66,13 +66,10 @@ class PrefillServicer(WorkerServicerBase):
                 if len(src) != len(dest.block_ids):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")
+                assert stream is not None  # opened for every destination with blocks
                 try:
-                    if stream is not None:
-                        delivered = True  # finish() ends the stream either way
-                        await self.blocking(stream.finish, src)
-                    else:
-                        await self.blocking(self.transport.send, dest.transport_endpoint, rid, src,
-                                            list(dest.block_ids), self.config.kv_send_timeout_s)
+                    delivered = True  # finish() ends the stream either way (without streaming: one send)
+                    await self.blocking(stream.finish, src)
                 except TransportError as e:
                     await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")
                 handoff_ms = (time.perf_counter() - t_done) * 1e3  # what the prefill did not hide
