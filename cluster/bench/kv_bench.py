@@ -26,7 +26,7 @@ from cluster.bench.kv_prefill import print_prefill_table
 from cluster.bench.kv_prefill import summarize as summarize_prefill
 from cluster.bench.kv_worker import worker
 from cluster.bench.metrics import percentile
-from cluster.bench.report import device_name, metadata, run_dir, spec_summary, write_json
+from cluster.bench.report import device_name, metadata, print_rows, run_dir, spec_summary, write_json
 
 CPU_TRANSPORTS, CUDA_TRANSPORTS = ("gloo", "grpc"), ("nccl", "cuda_ipc", "grpc")
 _SPARE_BLOCKS = 8
@@ -176,17 +176,14 @@ def print_table(rows: list[dict[str, Any]], raw_backend: str) -> None:
     """One line per (transport, prompt length)."""
     head = (f"{'transport':<9} {'prompt':>6} {'MiB':>8} {'handoff ms p50 [p10-p90]':>26} {'GB/s':>7} "
             f"{'raw ' + raw_backend + ' ms':>12} {'raw GB/s':>8} {'ratio':>6} {'reps':>5}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        lead = f"{r['transport']:<9} {r['prompt_len']:>6} {r['bytes'] / 2**20:>8.1f}"
-        if "error" in r:
-            print(f"{lead}  ERROR {r['error']}")
-            continue
+
+    def body(r: dict[str, Any]) -> str:
         span = f"{r['handoff_ms']:.3f} [{r['handoff_p10_ms']:.3f}-{r['handoff_p90_ms']:.3f}]"
         reps = f"{r['repeats']}{'*' if r['capped'] else ''}"
-        print(f"{lead} {span:>26} {r['handoff_gbps']:>7.2f} {r['raw_p2p_ms']:>12.3f} {r['raw_gbps']:>8.2f} "
-              f"{r['ratio']:>6.2f} {reps:>5}")
+        return (f"{span:>26} {r['handoff_gbps']:>7.2f} {r['raw_p2p_ms']:>12.3f} {r['raw_gbps']:>8.2f} "
+                f"{r['ratio']:>6.2f} {reps:>5}")
+
+    print_rows(head, rows, lambda r: f"{r['transport']:<9} {r['prompt_len']:>6} {r['bytes'] / 2**20:>8.1f}", body)
     if any(r.get("capped") for r in rows):
         print("* repeats capped by --case-budget-s (slow case)")
 

@@ -20,11 +20,13 @@ import torch
 
 from cluster.bench.kv_plan import block_ids
 from cluster.bench.metrics import percentile
+from cluster.bench.report import print_rows
 
 if TYPE_CHECKING:
     from cluster.bench.kv_plan import Plan
     from cluster.bench.kv_worker import Sender
     from cluster.engine import LLMEngine
+
 
 def build_engine(plan: Plan, device: torch.device) -> LLMEngine:
     """The sender's engine: eager, no prefix caching (every prompt is computed), one step per prompt."""
@@ -140,12 +142,6 @@ def print_prefill_table(rows: list[dict[str, Any]]) -> None:
     head = (f"{'transport':<9} {'prompt':>6} {'prefill ms':>10} {'+streamed ms':>12} {'+bulk ms':>9} "
             f"{'exposed stream':>14} {'exposed bulk':>12} {'overhead':>8}")
     print("\nTTFT: prefill alone vs prefill with the KV handoff (medians)")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        lead = f"{r['transport']:<9} {r['prompt_len']:>6}"
-        if "error" in r:
-            print(f"{lead}  ERROR {r['error']}")
-            continue
-        print(f"{lead} {r['prefill_ms']:>10.2f} {r['streamed_ms']:>12.2f} {r['bulk_ms']:>9.2f} "
-              f"{r['exposed_streamed_ms']:>14.3f} {r['exposed_bulk_ms']:>12.3f} {r['overhead_pct']:>7.2f}%")
+    print_rows(head, rows, lambda r: f"{r['transport']:<9} {r['prompt_len']:>6}",
+               lambda r: f"{r['prefill_ms']:>10.2f} {r['streamed_ms']:>12.2f} {r['bulk_ms']:>9.2f} "
+                         f"{r['exposed_streamed_ms']:>14.3f} {r['exposed_bulk_ms']:>12.3f} {r['overhead_pct']:>7.2f}%")

@@ -166,3 +166,12 @@ class DeviceTimer:
             end.record()
             torch.cuda.synchronize()
             return result, begin.elapsed_time(end) / 1000.0
+
+
+def print_rows(head: str, rows: list[dict[str, Any]], lead: Callable[[dict[str, Any]], str],
+               body: Callable[[dict[str, Any]], str]) -> None:
+    """A text table: `head`, a rule, then `lead(row) body(row)` per row (rows with an "error" print it)."""
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{lead(r)}  ERROR {r['error']}" if "error" in r else f"{lead(r)} {body(r)}")

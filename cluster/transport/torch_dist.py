@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _NCCL_PG_TIMEOUT = timedelta(hours=1)  # the watchdog's; every wait we do has its own, shorter timeout
+
+
 def _bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     """Run `fn` on a helper thread; TransportError if it has not returned within `timeout_s` (for process
     group set-up, which can block on a peer that is alive but stuck; the abandoned call stays on its
