@@ -99,12 +99,8 @@ class Orchestrator:
                 yield msg
         finally:
             self._inflight.discard(v.request_id)
-            if not run.finished:
-                self._spawn_cleanup(run)
-
-    def _spawn_cleanup(self, run: RequestRun) -> None:
-        """Cleanup in the background: the client's status must not wait for a dead worker."""
-        self._spawn(self._cleanup(run))
+            if not run.finished:  # in the background: the client's status must not wait for a dead worker
+                self._spawn(self._cleanup(run))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:  # tracked, so close() waits for it
         task = asyncio.ensure_future(coro)
@@ -164,7 +160,7 @@ class Orchestrator:
         if prefilled.finish_reason:  # the first token ended it: no KV was pushed, free the reservation
             final.finish_reason = prefilled.finish_reason
             final.decode_worker = ""
-            self._spawn_cleanup(run)
+            self._spawn(self._cleanup(run))
         else:
             async for delta in self._decode(v, dinfo, sampling, prefilled.first_token_id, run, final,
                                             time_remaining):
