@@ -112,8 +112,9 @@ class Cluster:
         self.registry.close()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition not met") -> None:
+    """Poll `cond` every 10 ms; fail with `what` once `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+        assert time.monotonic() < deadline, f"{what}, still after {timeout}s"
+        time.sleep(0.01)

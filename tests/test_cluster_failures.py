@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,6 +25,7 @@ from pdserve.v1 import worker_pb2_grpc as wpb_grpc
 from cluster.cluster_config import ClusterConfig, EngineOptions
 from cluster.registry import Registry
 from tests.cluster_harness import ClusterHarness
+from tests.sdk_router_helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +48,6 @@ def harness(ray_session, tiny_llama):
                            engine=EngineOptions(num_kv_blocks=POOL_BLOCKS, max_num_seqs=8, max_model_len=MAX_LEN))
     yield (h := ClusterHarness(config))
     h.close()
-
-
-def wait_until(ok: Callable[[], bool], within_s: float, what: str) -> None:
-    end = time.monotonic() + within_s
-    while not ok():
-        assert time.monotonic() < end, f"{what}, still after {within_s}s"
-        time.sleep(0.01)
 
 
 def decode_running(harness: ClusterHarness) -> dict[str, int]:
@@ -119,7 +112,7 @@ def test_room_freed_by_a_deadline_is_offered_again_at_once(harness):
             errors = list(pool.map(lambda _: _error_of(client, big, timeout=0.2, max_tokens=300), range(2)))
         assert [e.code for e in errors] == [Code.DEADLINE_EXCEEDED] * 2, errors
         harness.wait_all_blocks_free()
-        wait_until(lambda: all(load.free_kv_blocks == POOL_BLOCKS for _, load in registry.list_workers("decode")),
+        wait_for(lambda: all(load.free_kv_blocks == POOL_BLOCKS for _, load in registry.list_workers("decode")),
                    0.15, "the registry counts freed blocks as used")  # a heartbeat period is 0.5 s
         assert len(client.generate(big, max_tokens=4, temperature=0.0, ignore_eos=True).token_ids) == 4
     harness.wait_all_blocks_free()
@@ -208,7 +201,7 @@ def test_reservation_whose_kv_never_arrives_is_freed_at_lease_expiry(harness):
 
         def wait_reserved(n: int) -> None:
             stats = lambda: stub.GetStats(wpb.StatsRequest(), timeout=5)
-            wait_until(lambda: (s := stats()).reserved_kv_blocks == n and s.free_kv_blocks == s.total_kv_blocks - n,
+            wait_for(lambda: (s := stats()).reserved_kv_blocks == n and s.free_kv_blocks == s.total_kv_blocks - n,
                        5.0, f"the decode worker does not report {n} reserved blocks")
 
         # 1. Nobody ever calls Decode: the lease timer frees the blocks.
@@ -248,7 +241,7 @@ def test_deadline_during_a_late_registry_reply_leaks_no_counters(harness, monkey
         client.generate(prompt(24, 90), max_tokens=4, timeout=0.25)
     monkeypatch.undo()
     ids = [w["worker_id"] for w in harness.cluster.worker_info]  # incr_inflight(w, 0) reads the count
-    wait_until(lambda: not any(check.outstanding_blocks(w) or check.incr_inflight(w, 0) for w in ids), 5.0,
+    wait_for(lambda: not any(check.outstanding_blocks(w) or check.incr_inflight(w, 0) for w in ids), 5.0,
                "the router's registry counters leaked")
     harness.wait_all_blocks_free()
 
@@ -299,7 +292,7 @@ def test_killed_decode_worker_fails_its_streams_and_cluster_recovers(harness, ra
                 assert len(result.token_ids) == 8 and result.decode_worker == survivor
         finally:
             registry.release_decode(survivor, 8)
-        wait_until(lambda: client.server_info().num_decode_workers == 1, 10.0, "the dead worker is registered")
+        wait_for(lambda: client.server_info().num_decode_workers == 1, 10.0, "the dead worker is registered")
         assert client.generate(prompt(24, 50), max_tokens=8, temperature=0.0).finish_reason in ("length", "stop")
     stats = harness.wait_all_blocks_free()
     assert sorted(s.role for s in stats) == ["decode", "prefill"]
