@@ -7,14 +7,16 @@ import json
 import pytest
 
 from cluster.cli import main
+from cluster.kv_trace import ENV as KV_TRACE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path):
+def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv(KV_TRACE_ENV, "")  # --kv-trace sets it for the run; restored afterwards
     rc = main(["bench", "compare", "--model", str(tiny_llama), "--device", "cpu", "--transport", "auto",
                "--input-range", "20,60", "--output-range", "4,8", "--num-prompts", "6", "--request-rate", "8,inf",
-               "--unloaded-requests", "2", "--out", str(tmp_path)])
+               "--unloaded-requests", "2", "--kv-trace", "--out", str(tmp_path)])
     assert rc == 0
     (folder,) = list(tmp_path.glob("compare-*"))
     result = json.loads((folder / "result.json").read_text())
@@ -33,3 +35,12 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path):
     handoff = [p["server_kv_handoff_ms_p50"] for p in result["modes"]["colocated"]["points"]]
     assert handoff == [0.0, 0.0]  # no KV moves in colocated mode
     assert all(p["server_kv_handoff_ms_p90"] > 0 for p in result["modes"]["disaggregated"]["points"])
+    # --kv-trace: the prefill workers traced each rate's six handoffs, with the receiver's times in them
+    assert list(folder.glob("kv-trace/kv-trace-*.jsonl"))
+    for p in result["modes"]["disaggregated"]["points"]:
+        phases = p["kv_trace"]
+        assert phases["handoffs"] == 6
+        assert {"exposed", "all_sent", "end_seen", "posted", "data", "answer"} <= set(phases)
+        assert phases["exposed"]["p50"] > 0 and phases["answer"]["p50"] >= 0
+        assert phases["exposed"]["p90"] >= phases["answer"]["p90"]
+    assert all(p["kv_trace"]["handoffs"] == 0 for p in result["modes"]["colocated"]["points"])

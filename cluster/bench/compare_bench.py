@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import time
 from typing import Any
 
+from cluster.bench.kv_trace_report import format_summary, load_trace, phase_summary
 from cluster.bench.metrics import max_rate_meeting, serve_metrics
 from cluster.bench.plots import rate_label
 from cluster.bench.report import metadata, run_dir, write_json
 from cluster.bench.serve_bench import request_rows, run_rate, send_one, sweep_point
 from cluster.bench.workload import LengthSpec, parse_range, parse_rates, random_prompts
 from cluster.cluster_config import ClusterConfig, EngineOptions
+from cluster.kv_trace import ENV as KV_TRACE_ENV
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +42,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unloaded-requests", type=int, default=4)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--kv-trace", action="store_true",
+                   help="trace every KV handoff (PDSERVE_KV_TRACE) and report its phases per rate")
 
 
 async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[list[list[int]]],
@@ -63,9 +69,10 @@ async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[
             singles = [await send_one(client, p, 64, 0.0, None, args.request_timeout) for p in unloaded]
             runs = []
             for rate, prompts in zip(rates, prompts_per_rate, strict=True):
+                start = time.monotonic()
                 records, duration, _ = await run_rate(client, prompts, out_lens, rate, seed=args.seed,
                                                       desc=f"{mode} rate {rate_label(rate)}")
-                runs.append((rate, records, duration))
+                runs.append((rate, records, duration, (start, time.monotonic())))
     finally:
         await cluster.shutdown()
     bad = [r.error for r in singles if r.error]
@@ -97,11 +104,16 @@ async def _compare(args: argparse.Namespace) -> dict[str, Any]:
     base_tpot = min(r["unloaded_tpot_s"] for r in results.values())
     slo = {"ttft_ms": args.ttft_factor * base_ttft * 1e3, "tpot_ms": args.tpot_factor * base_tpot * 1e3}
     report: dict[str, Any] = {"slo": slo, "modes": {}}
+    trace = load_trace(os.environ[KV_TRACE_ENV]) if args.kv_trace else []
     for mode, r in results.items():
-        points = [sweep_point(rate, serve_metrics(records, duration, slo)) for rate, records, duration in r["runs"]]
+        points = []
+        for rate, records, duration, window in r["runs"]:
+            points.append(sweep_point(rate, serve_metrics(records, duration, slo)))
+            if trace:
+                points[-1]["kv_trace"] = phase_summary(trace, window)
         report["modes"][mode] = {
             "unloaded_ttft_ms": r["unloaded_ttft_s"] * 1e3, "unloaded_tpot_ms": r["unloaded_tpot_s"] * 1e3,
-            "points": points, "requests": {rate_label(rate): request_rows(rec) for rate, rec, _ in r["runs"]},
+            "points": points, "requests": {rate_label(rate): request_rows(rec) for rate, rec, _, _ in r["runs"]},
             "goodput_rate": max_rate_meeting([(p["rate"], p["slo_attainment"]) for p in points], args.slo_target)}
     return report
 
@@ -127,8 +139,10 @@ def _plot(report: dict[str, Any], path: Any, target: float) -> None:
 
 
 def run_compare_bench(args: argparse.Namespace) -> int:
-    report = asyncio.run(_compare(args))
     folder = run_dir(args.out, "compare")
+    if args.kv_trace:  # the workers inherit it (Cluster passes it on)
+        os.environ[KV_TRACE_ENV] = str((folder / "kv-trace").resolve())
+    report = asyncio.run(_compare(args))
     write_json(folder / "result.json", {**metadata("compare", args, args.device, args.model), **report})
     _plot(report, folder / "slo_attainment.png", args.slo_target)
     for mode, data in report["modes"].items():
@@ -140,6 +154,8 @@ def run_compare_bench(args: argparse.Namespace) -> int:
                   f"{p['server_queue_ms_p90']:.0f}, prefill "
                   f"{p['server_prefill_ms_p90']:.0f}, handoff {p['server_kv_handoff_ms_p90']:.1f}), TPOT p90 "
                   f"{p['tpot_ms_p90']:.1f} ms, {p['failed']} failed")
+            if p.get("kv_trace", {}).get("handoffs"):
+                print(f"    handoff phases: {format_summary(p['kv_trace'])}")
     print(f"wrote {folder}")
     return 0
 

@@ -53,6 +53,7 @@ class _InTransfer:
     bufs: list[torch.Tensor] = field(default_factory=list)
     ended: bool = False  # "end" or "abort" came: the completer answers once the data is in
     delivered: bool = False  # it was "end"
+    rx: dict[str, float] = field(default_factory=dict)  # monotonic times, sent back in the reply (trace)
 
 
 class DistReceiver:
@@ -111,6 +112,7 @@ class DistReceiver:
                 elif op in ("end", "abort"):
                     t = transfers[seq]
                     t.ended, t.delivered = True, op == "end"
+                    t.rx["end"] = time.monotonic()
                     if stream is None:
                         reply = self._end_in(t)
                         with lock:
@@ -140,6 +142,7 @@ class DistReceiver:
                 log.warning("KV nccl transfer of %r did not complete in time", t.rid)
                 conn.close()  # the pair's thread sees it and drops the pair
                 return
+            t.rx["data"] = time.monotonic()
             reply = self._end_in(t)
             with lock:
                 transfers.pop(seq, None)
@@ -165,6 +168,7 @@ class DistReceiver:
             self._finish(t.rid, t.ticket, False, "the sender's connection broke mid-transfer")
 
     def _begin_in(self, msg: dict[str, Any], stream: torch.cuda.Stream | None) -> _InTransfer:
+        seen = time.monotonic()
         rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
         dtype = DTYPES.get(msg["dtype"])
         if dtype is None:  # cannot even size its chunks
@@ -180,7 +184,7 @@ class DistReceiver:
             reason = str(e)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             idx = device_ids(dst, self.cache.device)  # ordered before this pair's scatters
-        return _InTransfer(rid, dtype, idx, ticket, reason, deadline)
+        return _InTransfer(rid, dtype, idx, ticket, reason, deadline, rx={"begin": seen})
 
     def _recv_chunk(self, pg: Any, stream: torch.cuda.Stream | None, t: _InTransfer, msg: dict[str, Any]) -> None:
         lo, hi, numel = int(msg["lo"]), int(msg["hi"]), int(msg["numel"])
@@ -190,6 +194,7 @@ class DistReceiver:
             pg.recv([buf], 0, 0).wait(td(t.deadline - time.monotonic()))
             if t.ticket is not None:
                 self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
+            t.rx["data"] = t.rx["posted"] = time.monotonic()
             return
         with torch.cuda.stream(stream):
             buf = torch.empty(numel, dtype=t.dtype, device=self.cache.device)
@@ -197,16 +202,18 @@ class DistReceiver:
             if t.ticket is not None:
                 self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
         t.bufs.append(buf)
+        t.rx["posted"] = time.monotonic()  # the last chunk's receive and scatter are enqueued
 
     def _end_in(self, t: _InTransfer) -> dict[str, Any]:
         """The answer to an ended transfer whose data is in (scattered): finish its claim."""
         t.bufs.clear()
+        t.rx["reply"] = time.monotonic()
         if t.ticket is None:
             return {"status": "rejected", "error": t.reason}
         if not t.delivered:
             self._finish(t.rid, t.ticket, False, "the sender aborted the transfer")
             return {"status": "aborted"}
         if self._finish(t.rid, t.ticket, True):
-            return {"status": "ok"}
+            return {"status": "ok", "rx": t.rx}
         return {"status": "late", "error": "the claim lapsed before the data arrived"}
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from cluster.engine.kv_layout import KVLayout
+from cluster.kv_trace import record
 from cluster.transport._link import Link, OutPair
 from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import KVSendStream, KVTransport, TransportError, TransportRejected
@@ -47,6 +48,7 @@ class PairedSendStream(KVSendStream):
         self.bulk_layers = self.layout.num_layers if transport.whole_bulk else max(1, bulk)
         self.ended = False  # the receiver was told that every layer is out (see _all_sent)
         self.streaming = False  # the current chunks go out beside a running prefill
+        self.times: dict[str, float] = {}  # monotonic: "first" layers, "all_sent", "finish" (see trace)
         self._state = threading.Lock()  # orders layers_ready against abort/finish from other threads
 
     def left(self) -> float:
@@ -62,8 +64,8 @@ class PairedSendStream(KVSendStream):
         """Move layers [lo, hi) of blocks `src` (never called for an empty transfer). Caller holds pair.lock."""
 
     @abstractmethod
-    def _complete(self) -> None:
-        """All layers are out: wait until the receiver holds them; raise if it does not."""
+    def _complete(self) -> dict[str, Any]:
+        """All layers are out: wait until the receiver holds them; raise if it does not. Returns its reply."""
 
     @abstractmethod
     def _abort(self) -> None:
@@ -84,6 +86,7 @@ class PairedSendStream(KVSendStream):
             raise TransportRejected(f"{len(src)} source blocks but {len(self.dst)} destinations")
         if self.deadline is None:
             self.deadline = time.monotonic() + self.timeout_s
+            self.times["first"] = time.monotonic()
         if not self.started:
             self._locked(self._begin, src)
             self.started = True
@@ -96,6 +99,7 @@ class PairedSendStream(KVSendStream):
             self._locked(self._send_layers, src, self.sent, hi)
             self.sent = hi
         if self.sent == self.layout.num_layers and not self.ended:
+            self.times["all_sent"] = time.monotonic()
             self._locked(self._all_sent)  # with the last chunk: the answer can come while the prefill ends
 
     def _all_sent(self) -> None:
@@ -127,11 +131,14 @@ class PairedSendStream(KVSendStream):
             self.done = True
         if self.error is not None:
             raise self.error
+        self.times["finish"] = time.monotonic()
         try:
             self._advance(src_block_ids, self.layout.num_layers, final=True)
-            self._complete()
+            reply = self._complete()
         except BaseException as e:
             raise self._fail(e) from e
+        record({"rid": self.rid, "transport": self.t.name, "blocks": len(self.dst), "streamed": self.streaming,
+                **self.times, "reply": time.monotonic(), "rx": reply.get("rx")})
 
     def abort(self) -> None:
         with self._state:

@@ -154,7 +154,7 @@ class _IpcSendStream(PairedSendStream):
     def _reply(self) -> dict[str, Any]:
         return self.link.await_reply(self.seq, max(self.deadline or 0.0, time.monotonic() + 1.0))
 
-    def _complete(self) -> None:
+    def _complete(self) -> dict[str, Any]:
         # Wait out our copies first (GIL released, the driver spins): a thread asleep in recv() for the whole
         # copy wakes 0.1-0.5 ms late from a deep CPU idle state; the reply then follows in tens of us.
         assert self.link.stream is not None
@@ -163,6 +163,7 @@ class _IpcSendStream(PairedSendStream):
         if reply.get("status") != "ok":  # written after the receiver stopped waiting: report, loudly
             raise TransportRejected(f"KV write of {self.rid!r} into {self.pair.endpoint} was late: "
                                     f"{reply.get('error')}")
+        return reply
 
     def _abort(self) -> None:
         assert self.link.stream is not None
@@ -212,6 +213,7 @@ class CudaIpcTransport(PairedTransport):
         still be writing (its kernels outlive its socket), so only time makes the blocks safe again.
         """
         tickets: dict[int, tuple[str, _Expected]] = {}
+        claimed: dict[int, float] = {}  # when each claim came (trace)
         event: torch.cuda.Event | None = None  # the sender's, recorded after each transfer's copies
         while True:
             try:
@@ -223,14 +225,16 @@ class CudaIpcTransport(PairedTransport):
                 event = torch.cuda.Event.from_ipc_handle(self.cache.device, bytes.fromhex(msg["event"]))
                 conn.send(self._export)
             elif op == "claim":
-                rid, dst = str(msg["rid"]), [int(b) for b in msg["dst"]]
+                rid, dst, seen = str(msg["rid"]), [int(b) for b in msg["dst"]], time.monotonic()
                 try:
                     tickets[seq] = (rid, self._claim(rid, len(dst), dst, float(msg["timeout"]) + self._grace))
+                    claimed[seq] = seen
                 except TransportRejected as e:
                     conn.send({"seq": seq, "status": "rejected", "error": str(e)})
                     continue
                 conn.send({"seq": seq, "status": "go"})
             elif op == "done":
+                rx = {"begin": claimed.pop(seq, 0.0), "end": time.monotonic()}  # monotonic times (trace)
                 rid, ticket = tickets.pop(seq, (str(msg["rid"]), None))
                 ok, error = bool(msg["ok"]), msg.get("error")
                 if ok and ticket is not None and event is not None:
@@ -238,8 +242,10 @@ class CudaIpcTransport(PairedTransport):
                         wait_event(event, ticket.write_deadline, max_gap_s=_DONE_POLL_MAX_S)
                     except (TransportError, RuntimeError) as e:  # late, or a CUDA error (the sender died)
                         ok, error = False, f"the sender's copies did not complete: {e}"
+                rx["data"] = time.monotonic()
                 current = ticket is not None and self._finish(rid, ticket, ok, error)
-                conn.send({"seq": seq, "status": "ok" if current else "late",
+                rx["reply"] = time.monotonic()
+                conn.send({"seq": seq, "status": "ok" if current else "late", "rx": rx,
                            "error": None if current else "the claim lapsed before the write ended"})
 
     # --- sender -------------------------------------------------------------------------------------

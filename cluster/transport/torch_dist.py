@@ -118,12 +118,12 @@ class _DistSendStream(PairedSendStream):
         finally:
             self.bufs.clear()
 
-    def _complete(self) -> None:
+    def _complete(self) -> dict[str, Any]:
         assert self.deadline is not None
         reply = self._reply(self.deadline)
         status, endpoint = reply.get("status"), self.pair.endpoint
         if status == "ok":
-            return
+            return reply
         if status in ("rejected", "late"):
             raise TransportRejected(f"KV receiver {endpoint} dropped {self.rid!r}: {reply.get('error')}")
         raise TransportError(f"KV receiver {endpoint} failed {self.rid!r}: {reply.get('error')}")

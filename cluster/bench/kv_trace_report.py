@@ -1,0 +1,63 @@
+"""Phases of traced KV handoffs (`PDSERVE_KV_TRACE`, see `cluster.transport.trace`), in ms, p50 / p90.
+
+Per handoff, from the sender's and the receiver's monotonic times:
+  exposed    sender's finish() (the prefill is done) -> the receiver's answer is in: what TTFT pays
+  all_sent   finish() -> every layer enqueued (negative: streamed out before the prefill ended)
+  end_seen   every layer enqueued -> the receiver read the last control message ("end"/"done")
+  posted     every layer enqueued -> the receiver posted its last receive (nccl/gloo: lags its control thread)
+  data       "end" read -> the receiver saw the data in (its GPU work behind the transfer)
+  answer     the receiver answered -> the sender read it
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cluster.bench.metrics import percentile
+
+_PHASES = {
+    "exposed": ("finish", "reply"),
+    "all_sent": ("finish", "all_sent"),
+    "end_seen": ("all_sent", "rx.end"),
+    "posted": ("all_sent", "rx.posted"),
+    "data": ("rx.end", "rx.data"),
+    "answer": ("rx.reply", "reply"),
+}
+
+
+def load_trace(folder: str | Path) -> list[dict[str, Any]]:
+    """Every traced handoff under `folder` (all processes' files)."""
+    entries = []
+    for path in sorted(Path(folder).glob("**/kv-trace-*.jsonl")):
+        entries.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return entries
+
+
+def _time(entry: dict[str, Any], key: str) -> float | None:
+    if key.startswith("rx."):
+        return (entry.get("rx") or {}).get(key[3:])
+    return entry.get(key)
+
+
+def phase_summary(entries: list[dict[str, Any]], window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """p50/p90 (ms) of each phase over the handoffs whose finish() fell in `window` (monotonic s)."""
+    if window is not None:
+        entries = [e for e in entries if window[0] <= e.get("finish", -1.0) <= window[1]]
+    out: dict[str, Any] = {"handoffs": len(entries)}
+    for name, (a, b) in _PHASES.items():
+        values = []
+        for e in entries:
+            ta, tb = _time(e, a), _time(e, b)
+            if ta is not None and tb is not None:
+                values.append((tb - ta) * 1e3)
+        if values:
+            out[name] = {"p50": percentile(values, 50), "p90": percentile(values, 90)}
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line: `phase p50/p90` for each phase measured."""
+    parts = [f"{name} {v['p50']:.2f}/{v['p90']:.2f}" for name, v in summary.items() if isinstance(v, dict)]
+    return f"{summary['handoffs']} handoffs, ms p50/p90: " + ", ".join(parts)
