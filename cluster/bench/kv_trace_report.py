@@ -7,6 +7,7 @@ Per handoff, from the sender's and the receiver's monotonic times:
   posted     every layer enqueued -> the receiver posted its last receive (nccl/gloo: lags its control thread)
   data       "end" read -> the receiver saw the data in (its GPU work behind the transfer)
   answer     the receiver answered -> the sender read it
+  post_busy  (a duration) the receiver's control thread's time posting the transfer's chunks (nccl/gloo)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _PHASES = {
     "posted": ("all_sent", "rx.posted"),
     "data": ("rx.end", "rx.data"),
     "answer": ("rx.reply", "reply"),
+    "post_busy": (None, "rx.post_s"),
 }
 
 
@@ -35,7 +37,9 @@ def load_trace(folder: str | Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _time(entry: dict[str, Any], key: str) -> float | None:
+def _time(entry: dict[str, Any], key: str | None) -> float | None:
+    if key is None:
+        return 0.0
     if key.startswith("rx."):
         return (entry.get("rx") or {}).get(key[3:])
     return entry.get(key)

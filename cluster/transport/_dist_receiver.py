@@ -196,6 +196,7 @@ class DistReceiver:
                 self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
             t.rx["data"] = t.rx["posted"] = time.monotonic()
             return
+        started = time.monotonic()
         with torch.cuda.stream(stream):
             buf = torch.empty(numel, dtype=t.dtype, device=self.cache.device)
             pg.recv([buf], 0, 0).wait()  # the stream waits for the data; this thread does not
@@ -203,6 +204,7 @@ class DistReceiver:
                 self.layout.scatter(self.cache, t.dst, buf.view(shape), (lo, hi))
         t.bufs.append(buf)
         t.rx["posted"] = time.monotonic()  # the last chunk's receive and scatter are enqueued
+        t.rx["post_s"] = t.rx.get("post_s", 0.0) + t.rx["posted"] - started  # this thread's time on the chunks
 
     def _end_in(self, t: _InTransfer) -> dict[str, Any]:
         """The answer to an ended transfer whose data is in (scattered): finish its claim."""
