@@ -43,10 +43,10 @@ class PairedSendStream(KVSendStream):
         self.error: BaseException | None = None
         self.done = False
         per_layer = max(self.layout.bytes_per_layer(len(dst)), 1)
-        fewest = -(-self.layout.num_layers // transport.max_chunks) if transport.max_chunks else 1
+        fewest = -(-self.layout.num_layers // transport.max_stream_chunks) if transport.max_stream_chunks else 1
         self.chunk_layers = max(1, transport.chunk_bytes // per_layer, fewest)
         bulk = BULK_CHUNKS * transport.chunk_bytes // per_layer
-        self.bulk_layers = self.layout.num_layers if transport.whole_bulk else max(1, bulk, fewest)
+        self.bulk_layers = self.layout.num_layers if transport.whole_bulk else max(1, bulk)
         self.ended = False  # the receiver was told that every layer is out (see _all_sent)
         self.streaming = False  # the current chunks go out beside a running prefill
         self.times: dict[str, float] = {}  # monotonic: "first" layers, "all_sent", "finish" (see trace)
@@ -165,10 +165,10 @@ class PairedTransport(KVTransport):
     # True: a plain send moves every layer in one piece. Worth it where one piece has no pipeline to fill
     # (cuda_ipc: one copy straight into the peer), not where a gather, a send and a scatter overlap (nccl).
     whole_bulk: ClassVar[bool] = False
-    # At most this many chunks per transfer (None: chunk_bytes decides). The nccl/gloo receiver
-    # posts each chunk from Python (a receive and a scatter), and under load each post waits for the GIL
-    # behind a busy engine: its cost is per chunk, not per byte.
-    max_chunks: ClassVar[int | None] = None
+    # At most this many chunks per streamed transfer (None: chunk_bytes decides). The nccl/gloo receiver
+    # posts each chunk from Python (a receive and a scatter); under load each post waits for the GIL behind a
+    # busy engine thread, so its cost is per chunk, not per byte.
+    max_stream_chunks: ClassVar[int | None] = None
 
     def side_stream(self) -> torch.cuda.Stream:
         """A stream of our own for copies, at high priority (see `high_priority`)."""

@@ -136,9 +136,10 @@ class _DistSendStream(PairedSendStream):
 class _TorchDistTransport(DistReceiver, PairedTransport):
     backend: ClassVar[str]
     _stream_type = _DistSendStream
-    # Under load (workload (a), 8 req/s) the decode worker's thread spent ~3.5 ms per posted chunk, ~40 ms per
-    # 11-chunk transfer, and fell 54 ms behind the sender (docs/benchmarks.md, the handoff trace).
-    max_chunks = 4
+    # Under load the receiver's thread paid per posted chunk (workload (a), 8 req/s: 11 chunks, 40 ms a
+    # transfer). A plain send keeps its 128 MiB chunks: there the gather/send/scatter pipeline pays (8K: 4.9 ms
+    # in 8 chunks, 5.6 ms in 4; docs/benchmarks.md).
+    max_stream_chunks = 4
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
                  recv_grace_s: float = 5.0, **kw: Any) -> None:
