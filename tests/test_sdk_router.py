@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -242,3 +243,12 @@ def test_registry_down_is_unavailable(model_dir: Path) -> None:
             c.client.generate("hello")
     finally:
         c.close()
+
+
+def test_shutdown_bounds_stuck_cleanups(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(cancel_timeout_s=0.2)
+    c.loop.call_soon_threadsafe(c.router.orchestrator._spawn, asyncio.sleep(3600))  # a cleanup that never ends
+    t0 = time.monotonic()
+    c._run(c.router.orchestrator.close())
+    assert time.monotonic() - t0 < 3.0  # cancel_timeout_s + 1 s, not the hour the cleanup would take
+    wait_for(lambda: not c.router.orchestrator._cleanups, what="the stuck cleanup was not cancelled")
