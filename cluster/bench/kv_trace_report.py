@@ -1,4 +1,4 @@
-"""Phases of traced KV handoffs (`PDSERVE_KV_TRACE`, see `cluster.transport.trace`), in ms, p50 / p90.
+"""Phases of traced KV handoffs (`PDSERVE_KV_TRACE`, see `cluster.kv_trace`), in ms, p50 / p90.
 
 Per handoff, from the sender's and the receiver's monotonic times:
   exposed    sender's finish() (the prefill is done) -> the receiver's answer is in: what TTFT pays
