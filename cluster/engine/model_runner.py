@@ -120,19 +120,20 @@ class ModelRunner:
                 hidden = self.model(fb.input_ids, fb.positions)
             logits = self.model.compute_logits(hidden[fb.logits_indices])
         tokens = sample(logits, fb.sampling)
+        want = [s.params.logprobs for s in batch.seqs]
+        top = top_logprobs(logits, tokens, max(w or 0 for w in want)) if any(w is not None for w in want) else None
         if tokens.is_cuda:
             # Wait for the step here (GIL released) before reading results. A pageable copy (tolist) from a busy
             # stream holds a CUDA driver lock until the stream drains, and every other thread's copy or memset
             # (a KV receive's NCCL post, a cuda_ipc 2D copy) waited for it: 8.7 ms per call (docs/benchmarks.md).
             torch.cuda.current_stream(tokens.device).synchronize()
-        want = [s.params.logprobs for s in batch.seqs]
+        token_ids = tokens.tolist()
         logprobs: list[dict[int, float] | None] = [None] * len(want)
-        if any(w is not None for w in want):
-            k = max(w or 0 for w in want)
-            chosen, top_vals, top_ids = (x.tolist() for x in top_logprobs(logits, tokens, k))
+        if top is not None:
+            chosen, top_vals, top_ids = (x.tolist() for x in top)
             for i, w in enumerate(want):
                 if w is not None:
                     entry = dict(zip(top_ids[i][:w], top_vals[i][:w], strict=True))
-                    entry[int(tokens[i])] = chosen[i]
+                    entry[token_ids[i]] = chosen[i]
                     logprobs[i] = entry
-        return ModelOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+        return ModelOutput(token_ids=token_ids, logprobs=logprobs)
