@@ -86,8 +86,8 @@ class PairedSendStream(KVSendStream):
         if len(src) != len(self.dst):
             raise TransportRejected(f"{len(src)} source blocks but {len(self.dst)} destinations")
         if self.deadline is None:
-            self.deadline = time.monotonic() + self.timeout_s
             self.times["first"] = time.monotonic()
+            self.deadline = self.times["first"] + self.timeout_s
         if not self.started:
             self._locked(self._begin, src)
             self.started = True
