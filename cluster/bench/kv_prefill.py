@@ -54,8 +54,8 @@ def _prefill(engine: LLMEngine, rid: str, tokens: list[int], sink: Any = None) -
     if sink is not None:
         engine.stream_kv(rid, sink)
     (out,) = engine.step()
-    assert out.finish_reason == "prefilled", out
-    return engine.prefilled_blocks(rid)[0]
+    assert out.finish_reason == "prefilled" and out.kv_block_ids is not None, out
+    return out.kv_block_ids  # as the prefill worker gets them
 
 
 def _case(sender: Sender, engine: LLMEngine, transport: Any, endpoint: str, prompt_len: int) -> dict[str, Any]:
