@@ -165,9 +165,8 @@ class PairedTransport(KVTransport):
     # True: a plain send moves every layer in one piece. Worth it where one piece has no pipeline to fill
     # (cuda_ipc: one copy straight into the peer), not where a gather, a send and a scatter overlap (nccl).
     whole_bulk: ClassVar[bool] = False
-    # At most this many chunks per streamed transfer (None: chunk_bytes decides). The nccl/gloo receiver
-    # posts each chunk from Python (a receive and a scatter); under load each post waits for the GIL behind a
-    # busy engine thread, so its cost is per chunk, not per byte.
+    # At most this many chunks per streamed transfer (None: chunk_bytes decides), for receivers that post
+    # each chunk from Python (nccl/gloo: a receive and a scatter, each waiting for the GIL under load).
     max_stream_chunks: ClassVar[int | None] = None
 
     def side_stream(self) -> torch.cuda.Stream:

@@ -136,9 +136,11 @@ class _DistSendStream(PairedSendStream):
 class _TorchDistTransport(DistReceiver, PairedTransport):
     backend: ClassVar[str]
     _stream_type = _DistSendStream
-    # Under load the receiver's thread paid per posted chunk (workload (a), 8 req/s: 11 chunks, 40 ms a
-    # transfer). A plain send keeps its 128 MiB chunks: there the gather/send/scatter pipeline pays (8K: 4.9 ms
-    # in 8 chunks, 5.6 ms in 4; docs/benchmarks.md).
+    # Streamed transfers in at most 4 chunks: the receiver posts each one from Python. Measured with the cap
+    # (docs/benchmarks.md): idle 2K streamed exposure 2.5 -> 2.1 ms; under load it was the first of two fixes
+    # (the second, the engine no longer reading results by a pageable copy, is what brought the receiver back
+    # to ~1 ms a transfer; the cap alone was not re-measured after it). Plain sends keep their 128 MiB chunks:
+    # there the gather/send/scatter pipeline pays (8K: 4.9 ms in 8 chunks, 5.6 ms in 4).
     max_stream_chunks = 4
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
