@@ -85,6 +85,7 @@ class LLMEngine:
         # decode worker reserves without waiting out a step): step() holds this while it schedules and while
         # it books the results, never during the forward. Reentrant: an engine-thread caller may hold it too.
         self.state_lock = threading.RLock()
+        self.last_step_tokens = 0  # tokens the last step() computed; 0: it could schedule nothing
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -207,9 +208,11 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[StepOutput]:
-        """Run one forward over the scheduled batch; return what each request produced."""
+        """Run one forward over the scheduled batch; return what each request produced (nothing for a step
+        of prompt chunks only: check `last_step_tokens` to tell it from a step that could schedule nothing)."""
         with self.state_lock:
             batch = self.scheduler.schedule()
+        self.last_step_tokens = sum(batch.num_tokens) if batch is not None else 0
         if batch is None:
             return []
         result = self.runner.run(batch, self._layer_hook(batch))
