@@ -37,9 +37,25 @@ def test_ttft_tpot_itl_e2e_of_one_request():
     assert rec.ok and rec.ttft == pytest.approx(0.5) and rec.e2e == pytest.approx(0.9)
     assert rec.tpot == pytest.approx(0.4 / 3)  # (e2e - ttft) / (n - 1)
     assert rec.itls == pytest.approx([0.1, 0.2])
+    assert rec.tbt == pytest.approx(0.1 + 0.99 * 0.1)  # p99 of its own gaps
     assert m.tpot(1.0, 0.5, 1) is None
     failed = m.RequestRecord(prompt_len=3, max_tokens=4, start=0.0, error="UnavailableError: gone")
-    assert not failed.ok and failed.ttft is None and failed.tpot is None
+    assert not failed.ok and failed.ttft is None and failed.tpot is None and failed.tbt is None
+
+
+def test_tbt_slo_catches_a_stall_that_mean_tpot_hides():
+    # 5 ms per token, but one 80 ms stall (a prefill chunk in the same step): mean TPOT 8.8 ms, TBT ~ 80 ms
+    gaps = [0.005] * 19 + [0.08]
+    times = [0.1]
+    for g in gaps:
+        times.append(times[-1] + g)
+    rec = m.RequestRecord(prompt_len=8, max_tokens=21, start=0.0, delta_times=times, num_output_tokens=21,
+                          end=times[-1])
+    assert rec.tpot == pytest.approx(sum(gaps) / 20)
+    assert m.meets_slo(rec, {"ttft_ms": 500, "tpot_ms": 15})
+    assert not m.meets_slo(rec, {"ttft_ms": 500, "tbt_ms": 15})
+    assert m.parse_slo("tbt=15") == {"tbt_ms": 15.0}
+    assert m.serve_metrics([rec], 1.0, {"tbt_ms": 100})["tbt_ms"]["max"] == pytest.approx(rec.tbt * 1000)
 
 
 def test_goodput_and_attainment_count_failures():

@@ -15,24 +15,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv(KV_TRACE_ENV, "")  # --kv-trace sets it for the run; restored afterwards
     rc = main(["bench", "compare", "--model", str(tiny_llama), "--device", "cpu", "--transport", "auto",
-               "--input-range", "20,60", "--output-range", "4,8", "--num-prompts", "6", "--request-rate", "8,inf",
+               "--modes", "disaggregated,colocated/32", "--input-range", "20,60", "--output-range", "4,8", "--num-prompts", "6", "--request-rate", "8,inf",
                "--unloaded-requests", "2", "--kv-trace", "--out", str(tmp_path)])
     assert rc == 0
     (folder,) = list(tmp_path.glob("compare-*"))
     result = json.loads((folder / "result.json").read_text())
     assert (folder / "slo_attainment.png").stat().st_size > 1000
-    assert set(result["modes"]) == {"disaggregated", "colocated"}
+    assert set(result["modes"]) == {"disaggregated", "colocated/32"}  # colocated with a 32-token step budget
     assert result["slo"]["ttft_ms"] > 0 and result["slo"]["tpot_ms"] > 0
+    assert result["slo_tbt"] == {"ttft_ms": result["slo"]["ttft_ms"], "tbt_ms": result["slo"]["tpot_ms"]}
     for data in result["modes"].values():
         assert data["unloaded_ttft_ms"] > 0 and data["unloaded_tpot_ms"] > 0
         assert [p["rate"] for p in data["points"]] == [8.0, "inf"]
         assert all(p["failed"] == 0 and p["completed"] == 6 for p in data["points"])
-        assert all(0.0 <= p["slo_attainment"] <= 1.0 for p in data["points"])
+        assert all(0.0 <= p["slo_attainment"] <= 1.0 and 0.0 <= p["tbt_slo_attainment"] <= 1.0
+                   for p in data["points"])
+        assert "goodput_rate_tbt" in data
         # the server's own TTFT breakdown is kept per request and summarized per rate
         assert all(p["server_prefill_ms_p50"] > 0 and p["server_queue_ms_p90"] >= 0 for p in data["points"])
         rows = [r for rows in data["requests"].values() for r in rows]
         assert all(r["server_ms"]["prefill_ms"] > 0 and r["server_ms"]["placement_ms"] > 0 for r in rows)
-    handoff = [p["server_kv_handoff_ms_p50"] for p in result["modes"]["colocated"]["points"]]
+        assert all(r["tbt_ms"] > 0 for r in rows)
+    handoff = [p["server_kv_handoff_ms_p50"] for p in result["modes"]["colocated/32"]["points"]]
     assert handoff == [0.0, 0.0]  # no KV moves in colocated mode
     assert all(p["server_kv_handoff_ms_p90"] > 0 for p in result["modes"]["disaggregated"]["points"])
     # --kv-trace: the prefill workers traced each rate's six handoffs, with the receiver's times in them
@@ -43,4 +47,14 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
         assert {"exposed", "all_sent", "end_seen", "posted", "data", "answer"} <= set(phases)
         assert phases["exposed"]["p50"] > 0 and phases["answer"]["p50"] >= 0
         assert phases["exposed"]["p90"] >= phases["answer"]["p90"]
-    assert all(p["kv_trace"]["handoffs"] == 0 for p in result["modes"]["colocated"]["points"])
+    assert all(p["kv_trace"]["handoffs"] == 0 for p in result["modes"]["colocated/32"]["points"])
+
+
+def test_compare_rejects_unknown_modes_before_starting_anything(tmp_path):
+    from cluster.bench.compare_bench import mode_spec
+
+    assert mode_spec("colocated", 8192) == ("colocated", 8192)
+    assert mode_spec("colocated/1024", 8192) == ("colocated", 1024)
+    for bad in ("colo", "colocated/abc", "colocated/8", "disaggregated/"):
+        with pytest.raises(ValueError, match="mode|budget"):
+            mode_spec(bad, 8192)

@@ -4,6 +4,11 @@ For each mode it brings up a cluster in this process (`Cluster.start`), measures
 single requests, then drives it at each request rate with the same prompts. The SLOs are relative to the
 unloaded values measured in this run (TTFT <= k_ttft x and TPOT <= k_tpot x the best mode's unloaded median),
 and a mode's goodput is the highest rate at which >= `--slo-target` of its requests meet both.
+
+A second view bounds each request's TBT (p99 of its own inter-token gaps, `metrics.RequestRecord.tbt`) by the
+same k_tpot x unloaded TPOT instead of its mean TPOT: the stall a streaming reader sees, which mean TPOT averages
+away. A mode may carry a per-step token budget, `colocated/1024`: chunked prefill in smaller pieces, the
+colocated engine's own lever on stalls (it costs prefill efficiency).
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=1, help="disaggregated: prefill workers")
     p.add_argument("--decode", type=int, default=1, help="disaggregated: decode workers")
     p.add_argument("--transport", default="auto")
-    p.add_argument("--modes", default="disaggregated,colocated")
+    p.add_argument("--modes", default="disaggregated,colocated",
+                   help="comma list of disaggregated, colocated; MODE/N gives that mode a per-step token budget "
+                        "of N instead of --max-num-batched-tokens (e.g. colocated/1024)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", default="1,2,4,8")
     p.add_argument("--input-range", default="1024,4096")
@@ -46,6 +53,18 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
                    help="trace every KV handoff (PDSERVE_KV_TRACE) and report its phases per rate")
 
 
+def mode_spec(mode: str, default_budget: int) -> tuple[str, int]:
+    """'colocated/1024' -> ('colocated', 1024); a bare mode takes `default_budget`."""
+    base, sep, budget = mode.partition("/")
+    if base not in ("disaggregated", "colocated"):
+        raise ValueError(f"unknown mode {mode!r}: expected disaggregated or colocated, optionally /TOKENS")
+    if not sep:
+        return base, default_budget
+    if not budget.isdigit() or int(budget) < 16:
+        raise ValueError(f"bad token budget in {mode!r}: expected an integer >= 16")
+    return base, int(budget)
+
+
 async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[list[list[int]]],
                     out_lens: list[int], unloaded: list[list[int]], warmup: list[list[int]],
                     rates: list[float]) -> dict[str, Any]:
@@ -53,10 +72,11 @@ async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[
 
     from cluster.launcher import Cluster
 
-    engine = EngineOptions(max_num_batched_tokens=args.max_num_batched_tokens,
-                           enable_chunked_prefill=mode == "colocated")
-    config = ClusterConfig(model=args.model, device=args.device, mode=mode, prefill=args.prefill,
-                           decode=args.decode, transport=args.transport, port=0, cluster_name=f"compare-{mode}",
+    base, budget = mode_spec(mode, args.max_num_batched_tokens)
+    engine = EngineOptions(max_num_batched_tokens=budget, enable_chunked_prefill=base == "colocated")
+    config = ClusterConfig(model=args.model, device=args.device, mode=base, prefill=args.prefill,
+                           decode=args.decode, transport=args.transport, port=0,
+                           cluster_name=f"compare-{base}-{budget}",
                            engine=engine, cpus_per_worker=2.0)
     cluster = await Cluster.start(config, progress=False)
     try:
@@ -97,24 +117,31 @@ async def _compare(args: argparse.Namespace) -> dict[str, Any]:
     unloaded = random_prompts([mid] * args.unloaded_requests, vocab, args.seed + 7)
     (ilo, ihi), _ = lengths.bounds()
     warmup = random_prompts([ilo, (ilo + ihi) // 2, ihi, mid, ilo + 1, ihi - 1], vocab, args.seed + 9)
+    modes = args.modes.split(",")
+    for mode in modes:  # bad names fail before any cluster starts
+        mode_spec(mode, args.max_num_batched_tokens)
     results = {}
-    for mode in args.modes.split(","):
+    for mode in modes:
         results[mode] = await _run_mode(args, mode, prompts_per_rate, out_lens, unloaded, warmup, rates)
     base_ttft = min(r["unloaded_ttft_s"] for r in results.values())
     base_tpot = min(r["unloaded_tpot_s"] for r in results.values())
     slo = {"ttft_ms": args.ttft_factor * base_ttft * 1e3, "tpot_ms": args.tpot_factor * base_tpot * 1e3}
-    report: dict[str, Any] = {"slo": slo, "modes": {}}
+    slo_tbt = {"ttft_ms": slo["ttft_ms"], "tbt_ms": slo["tpot_ms"]}
+    report: dict[str, Any] = {"slo": slo, "slo_tbt": slo_tbt, "modes": {}}
     trace = load_trace(os.environ[KV_TRACE_ENV]) if args.kv_trace else []
     for mode, r in results.items():
         points = []
         for rate, records, duration, window in r["runs"]:
             points.append(sweep_point(rate, serve_metrics(records, duration, slo)))
+            points[-1]["tbt_slo_attainment"] = serve_metrics(records, duration, slo_tbt)["slo_attainment"]
             if trace:
                 points[-1]["kv_trace"] = phase_summary(trace, window)
         report["modes"][mode] = {
             "unloaded_ttft_ms": r["unloaded_ttft_s"] * 1e3, "unloaded_tpot_ms": r["unloaded_tpot_s"] * 1e3,
             "points": points, "requests": {rate_label(rate): request_rows(rec) for rate, rec, _, _ in r["runs"]},
-            "goodput_rate": max_rate_meeting([(p["rate"], p["slo_attainment"]) for p in points], args.slo_target)}
+            "goodput_rate": max_rate_meeting([(p["rate"], p["slo_attainment"]) for p in points], args.slo_target),
+            "goodput_rate_tbt": max_rate_meeting([(p["rate"], p["tbt_slo_attainment"]) for p in points],
+                                                 args.slo_target)}
     return report
 
 
@@ -124,15 +151,19 @@ def _plot(report: dict[str, Any], path: Any, target: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, data in report["modes"].items():
-        xs = [p["rate"] for p in data["points"]]
-        ax.plot(xs, [100 * p["slo_attainment"] for p in data["points"]], marker="o", label=mode)
-    ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("requests meeting TTFT and TPOT SLOs (%)")
-    ax.set_title(f"SLO attainment (TTFT<={report['slo']['ttft_ms']:.0f} ms, TPOT<={report['slo']['tpot_ms']:.1f} ms)")
-    ax.legend()
+    slo, tbt = report["slo"], report["slo_tbt"]
+    views = (("slo_attainment", f"TTFT<={slo['ttft_ms']:.0f} ms, mean TPOT<={slo['tpot_ms']:.1f} ms"),
+             ("tbt_slo_attainment", f"TTFT<={tbt['ttft_ms']:.0f} ms, p99 TBT<={tbt['tbt_ms']:.1f} ms"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (key, title) in zip(axes, views, strict=True):
+        for mode, data in report["modes"].items():
+            ax.plot([p["rate"] for p in data["points"]], [100 * p[key] for p in data["points"]], marker="o",
+                    label=mode)
+        ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_title(title, fontsize=10)
+        ax.legend()
+    axes[0].set_ylabel("requests meeting both SLOs (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -147,13 +178,14 @@ def run_compare_bench(args: argparse.Namespace) -> int:
     _plot(report, folder / "slo_attainment.png", args.slo_target)
     for mode, data in report["modes"].items():
         print(f"{mode}: unloaded TTFT {data['unloaded_ttft_ms']:.1f} ms, TPOT {data['unloaded_tpot_ms']:.2f} ms; "
-              f"goodput rate {data['goodput_rate']}")
+              f"goodput rate {data['goodput_rate']} (with the p99 TBT bound instead: {data['goodput_rate_tbt']})")
         for p in data["points"]:
             print(f"  rate {rate_label(p['rate'])}: {100 * p['slo_attainment']:.0f}% meet SLOs, TTFT p90 "
                   f"{p['ttft_ms_p90']:.0f} ms (p90 of router {p['server_placement_ms_p90']:.0f}, queue "
                   f"{p['server_queue_ms_p90']:.0f}, prefill "
                   f"{p['server_prefill_ms_p90']:.0f}, handoff {p['server_kv_handoff_ms_p90']:.1f}), TPOT p90 "
-                  f"{p['tpot_ms_p90']:.1f} ms, {p['failed']} failed")
+                  f"{p['tpot_ms_p90']:.1f} ms, TBT p90 {p['tbt_ms_p90']:.1f} ms ({100 * p['tbt_slo_attainment']:.0f}% "
+                  f"meet TTFT+TBT), {p['failed']} failed")
             if p.get("kv_trace", {}).get("handoffs"):
                 print(f"    handoff phases: {format_summary(p['kv_trace'])}")
     print(f"wrote {folder}")

@@ -4,6 +4,8 @@ Definitions follow `vllm bench serve` and DistServe:
 - TTFT: send -> first token-bearing delta. E2E: send -> last delta.
 - TPOT of a request: (E2E - TTFT) / (output tokens - 1); undefined for one-token outputs.
 - ITL: the gaps between consecutive token-bearing deltas (all requests pooled).
+- TBT of a request: the 99th percentile of its own ITLs (time between tokens, the stall a streaming reader
+  sees; Sarathi-Serve and Splitwise bound it). Mean TPOT hides a few long stalls; TBT does not.
 - goodput: completed requests that meet every SLO, per second of benchmark duration;
   SLO attainment: their share of ALL requests (a failed request never meets an SLO).
 - arrivals: gamma-distributed inter-arrival times with shape `burstiness` and mean 1/rate
@@ -17,7 +19,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
+SLO_KEYS = ("ttft_ms", "tpot_ms", "tbt_ms", "e2e_ms")
 # The server's own breakdown of each request (pdserve.Timing, final message): where the TTFT went.
 SERVER_KEYS = ("placement_ms", "queue_ms", "prefill_ms", "kv_handoff_ms", "first_decode_step_ms")
 
@@ -79,6 +81,11 @@ class RequestRecord:
     def itls(self) -> list[float]:
         return inter_token_latencies(self.delta_times)
 
+    @property
+    def tbt(self) -> float | None:
+        """p99 of this request's inter-token gaps; None with fewer than two token-bearing deltas."""
+        return percentile(self.itls, 99) if self.ok and len(self.delta_times) > 1 else None
+
 
 def tpot(e2e: float | None, ttft: float | None, num_output_tokens: int) -> float | None:
     """Time per output token after the first: (e2e - ttft) / (n - 1); None when n < 2 or a time is missing."""
@@ -108,10 +115,11 @@ def parse_slo(text: str | None) -> dict[str, float]:
 
 
 def meets_slo(rec: RequestRecord, slo: dict[str, float]) -> bool:
-    """A request meets the SLOs if it completed and every given bound holds (TPOT of 1-token outputs is 0)."""
+    """A request meets the SLOs if it completed and every given bound holds (TPOT and TBT of 1-token outputs
+    are 0)."""
     if not rec.ok:
         return False
-    got = {"ttft_ms": rec.ttft, "tpot_ms": rec.tpot or 0.0, "e2e_ms": rec.e2e}
+    got = {"ttft_ms": rec.ttft, "tpot_ms": rec.tpot or 0.0, "tbt_ms": rec.tbt or 0.0, "e2e_ms": rec.e2e}
     return all((got[k] or 0.0) * 1000 <= bound for k, bound in slo.items())
 
 
@@ -135,7 +143,8 @@ def serve_metrics(records: Sequence[RequestRecord], duration_s: float, slo: dict
         "request_throughput": len(done) / dur, "output_token_throughput": out_tokens / dur,
         "total_token_throughput": (in_tokens + out_tokens) / dur,
         "ttft_ms": summarize(ms(r.ttft for r in done)), "tpot_ms": summarize(ms(r.tpot for r in done)),
-        "itl_ms": summarize(ms(x for r in done for x in r.itls)), "e2e_ms": summarize(ms(r.e2e for r in done)),
+        "itl_ms": summarize(ms(x for r in done for x in r.itls)), "tbt_ms": summarize(ms(r.tbt for r in done)),
+        "e2e_ms": summarize(ms(r.e2e for r in done)),
         "server_ms": {k: summarize([r.server_ms[k] for r in done if r.server_ms]) for k in SERVER_KEYS},
         "slo": dict(slo), "num_good": len(good),
         "slo_attainment": len(good) / len(records) if records else math.nan,

@@ -89,8 +89,8 @@ def request_rows(records: list[RequestRecord]) -> list[dict[str, Any]]:
     """Per-request results (ms) for the JSON."""
     ms = lambda x: None if x is None else x * 1e3
     return [{"prompt_len": r.prompt_len, "max_tokens": r.max_tokens, "output_tokens": r.num_output_tokens,
-             "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot), "e2e_ms": ms(r.e2e), "num_deltas": len(r.delta_times),
-             "server_ms": r.server_ms, "error": r.error} for r in records]
+             "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot), "tbt_ms": ms(r.tbt), "e2e_ms": ms(r.e2e),
+             "num_deltas": len(r.delta_times), "server_ms": r.server_ms, "error": r.error} for r in records]
 
 
 async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
@@ -146,7 +146,7 @@ def sweep_point(rate: float, m: dict[str, Any]) -> dict[str, Any]:
     """The per-rate line of summary.json: rate, goodput, attainment, throughputs, latency percentiles."""
     keys = ("goodput", "slo_attainment", "request_throughput", "output_token_throughput", "completed", "failed")
     point: dict[str, Any] = {"rate": rate, **{k: m[k] for k in keys}}
-    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "tbt_ms", "e2e_ms"):
         point.update({f"{name}_{q}": m[name][q] for q in ("mean", "p50", "p90", "p99")})
     for name in SERVER_KEYS:
         point.update({f"server_{name}_{q}": m["server_ms"][name][q] for q in ("p50", "p90")})
