@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv(KV_TRACE_ENV, "")  # --kv-trace sets it for the run; restored afterwards
     rc = main(["bench", "compare", "--model", str(tiny_llama), "--device", "cpu", "--transport", "auto",
-               "--modes", "disaggregated,colocated/32", "--input-range", "20,60", "--output-range", "4,8", "--num-prompts", "6", "--request-rate", "8,inf",
+               "--modes", "disaggregated,colocated/32", "--input-range", "20,60", "--output-range", "4,8",
+               "--num-prompts", "6", "--request-rate", "8,inf",
                "--unloaded-requests", "2", "--kv-trace", "--out", str(tmp_path)])
     assert rc == 0
     (folder,) = list(tmp_path.glob("compare-*"))

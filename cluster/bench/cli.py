@@ -79,7 +79,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", default="inf", help="req/s, or a list for a sweep: 1,2,4,inf")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals; 1 = Poisson")
     p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
-    p.add_argument("--slo", default="", help="e.g. ttft_ms=500,tpot_ms=50 (also e2e_ms)")
+    p.add_argument("--slo", default="", help="e.g. ttft_ms=500,tpot_ms=50 (also tbt_ms, e2e_ms)")
     p.add_argument("--slo-target", type=float, default=0.9, help="share of requests that must meet the SLOs")
     p.add_argument("--num-warmups", type=int, default=2)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")

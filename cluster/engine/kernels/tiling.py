@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 DECODE_PROGRAMS_PER_SM = 8
 
 
