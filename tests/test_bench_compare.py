@@ -16,7 +16,7 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
     monkeypatch.setenv(KV_TRACE_ENV, "")  # --kv-trace sets it for the run; restored afterwards
     rc = main(["bench", "compare", "--model", str(tiny_llama), "--device", "cpu", "--transport", "auto",
                "--modes", "disaggregated,colocated/32", "--input-range", "20,60", "--output-range", "4,8",
-               "--num-prompts", "6", "--request-rate", "8,inf",
+               "--num-prompts", "6", "--seconds-per-rate", "0.5", "--request-rate", "8,inf",
                "--unloaded-requests", "2", "--kv-trace", "--out", str(tmp_path)])
     assert rc == 0
     (folder,) = list(tmp_path.glob("compare-*"))
@@ -28,7 +28,8 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
     for data in result["modes"].values():
         assert data["unloaded_ttft_ms"] > 0 and data["unloaded_tpot_ms"] > 0
         assert [p["rate"] for p in data["points"]] == [8.0, "inf"]
-        assert all(p["failed"] == 0 and p["completed"] == 6 for p in data["points"])
+        # --seconds-per-rate 0.5: ceil(8 x 0.5) = 4 requests at 8 req/s; the infinite rate keeps --num-prompts
+        assert [(p["completed"], p["failed"]) for p in data["points"]] == [(4, 0), (6, 0)]
         assert all(0.0 <= p["slo_attainment"] <= 1.0 and 0.0 <= p["tbt_slo_attainment"] <= 1.0
                    for p in data["points"])
         assert "goodput_rate_tbt" in data
@@ -40,11 +41,11 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
     handoff = [p["server_kv_handoff_ms_p50"] for p in result["modes"]["colocated/32"]["points"]]
     assert handoff == [0.0, 0.0]  # no KV moves in colocated mode
     assert all(p["server_kv_handoff_ms_p90"] > 0 for p in result["modes"]["disaggregated"]["points"])
-    # --kv-trace: the prefill workers traced each rate's six handoffs, with the receiver's times in them
+    # --kv-trace: the prefill workers traced each rate's handoffs, with the receiver's times in them
     assert list(folder.glob("kv-trace/kv-trace-*.jsonl"))
-    for p in result["modes"]["disaggregated"]["points"]:
+    for p, sent in zip(result["modes"]["disaggregated"]["points"], (4, 6), strict=True):
         phases = p["kv_trace"]
-        assert phases["handoffs"] == 6
+        assert phases["handoffs"] == sent
         assert {"exposed", "all_sent", "end_seen", "posted", "data", "answer"} <= set(phases)
         assert phases["exposed"]["p50"] > 0 and phases["answer"]["p50"] >= 0
         assert phases["exposed"]["p90"] >= phases["answer"]["p90"]
@@ -52,7 +53,12 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
 
 
 def test_compare_rejects_unknown_modes_before_starting_anything(tmp_path):
-    from cluster.bench.compare_bench import mode_spec
+    from cluster.bench.compare_bench import mode_spec, requests_per_rate
+
+    assert requests_per_rate([2.0, 12.5, float("inf")], 40, None) == [40, 40, 40]
+    assert requests_per_rate([2.0, 12.5, float("inf")], 40, 10.0) == [20, 125, 40]
+    with pytest.raises(ValueError, match="seconds-per-rate"):
+        requests_per_rate([2.0], 40, 0.0)
 
     assert mode_spec("colocated", 8192) == ("colocated", 8192)
     assert mode_spec("colocated/1024", 8192) == ("colocated", 1024)

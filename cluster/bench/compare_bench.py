@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import time
@@ -39,7 +40,10 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="disaggregated,colocated",
                    help="comma list of disaggregated, colocated; MODE/N gives that mode a per-step token budget "
                         "of N instead of --max-num-batched-tokens (e.g. colocated/1024)")
-    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--num-prompts", type=int, default=100, help="requests per rate (see --seconds-per-rate)")
+    p.add_argument("--seconds-per-rate", type=float,
+                   help="instead of --num-prompts, send ceil(rate x S) requests at each finite rate: every rate "
+                        "then loads the cluster for about S seconds (a fixed count is a short burst at high rates)")
     p.add_argument("--request-rate", default="1,2,4,8")
     p.add_argument("--input-range", default="1024,4096")
     p.add_argument("--output-range", default="64,256")
@@ -51,6 +55,16 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--kv-trace", action="store_true",
                    help="trace every KV handoff (PDSERVE_KV_TRACE) and report its phases per rate")
+
+
+def requests_per_rate(rates: list[float], num_prompts: int, seconds: float | None) -> list[int]:
+    """How many requests each rate sends: `num_prompts`, or ceil(rate x seconds) with --seconds-per-rate
+    (an infinite rate, which has no duration, keeps `num_prompts`)."""
+    if seconds is None:
+        return [num_prompts] * len(rates)
+    if not seconds > 0:
+        raise ValueError(f"--seconds-per-rate must be positive, got {seconds}")
+    return [num_prompts if math.isinf(r) else max(1, math.ceil(r * seconds)) for r in rates]
 
 
 def mode_spec(mode: str, default_budget: int) -> tuple[str, int]:
@@ -65,9 +79,11 @@ def mode_spec(mode: str, default_budget: int) -> tuple[str, int]:
     return base, int(budget)
 
 
-async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[list[list[int]]],
-                    out_lens: list[int], unloaded: list[list[int]], warmup: list[list[int]],
-                    rates: list[float]) -> dict[str, Any]:
+Workload = tuple[list[list[int]], list[int]]  # one rate's prompts and output lengths
+
+
+async def _run_mode(args: argparse.Namespace, mode: str, workloads: list[Workload], unloaded: list[list[int]],
+                    warmup: list[list[int]], rates: list[float]) -> dict[str, Any]:
     from pdserve import AsyncClient
 
     from cluster.launcher import Cluster
@@ -88,7 +104,7 @@ async def _run_mode(args: argparse.Namespace, mode: str, prompts_per_rate: list[
             await asyncio.gather(*(send_one(client, p, 8, 0.0, None, args.request_timeout) for p in warmup))
             singles = [await send_one(client, p, 64, 0.0, None, args.request_timeout) for p in unloaded]
             runs = []
-            for rate, prompts in zip(rates, prompts_per_rate, strict=True):
+            for rate, (prompts, out_lens) in zip(rates, workloads, strict=True):
                 start = time.monotonic()
                 records, duration, _ = await run_rate(client, prompts, out_lens, rate, seed=args.seed,
                                                       desc=f"{mode} rate {rate_label(rate)}")
@@ -107,22 +123,24 @@ async def _compare(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = read_model_spec(args.model)
     rates = parse_rates(args.request_rate)
+    modes = args.modes.split(",")
+    for mode in modes:  # bad arguments fail before any cluster starts
+        mode_spec(mode, args.max_num_batched_tokens)
     lengths = LengthSpec(input_range=parse_range(args.input_range), output_range=parse_range(args.output_range))
-    pairs = lengths.sample(args.num_prompts, args.seed)
-    out_lens = [o for _, o in pairs]
     vocab = spec.vocab_size
-    in_lens = [i for i, _ in pairs]
-    prompts_per_rate = [random_prompts(in_lens, vocab, args.seed + 1 + 1000 * k) for k in range(len(rates))]
+    workloads: list[Workload] = []
+    for k, n in enumerate(requests_per_rate(rates, args.num_prompts, args.seconds_per_rate)):
+        pairs = lengths.sample(n, args.seed)  # one seed: every rate draws the same lengths, in the same order
+        workloads.append((random_prompts([i for i, _ in pairs], vocab, args.seed + 1 + 1000 * k),
+                          [o for _, o in pairs]))
+    pairs = lengths.sample(args.num_prompts, args.seed)
     mid = sorted(i for i, _ in pairs)[len(pairs) // 2]
     unloaded = random_prompts([mid] * args.unloaded_requests, vocab, args.seed + 7)
     (ilo, ihi), _ = lengths.bounds()
     warmup = random_prompts([ilo, (ilo + ihi) // 2, ihi, mid, ilo + 1, ihi - 1], vocab, args.seed + 9)
-    modes = args.modes.split(",")
-    for mode in modes:  # bad names fail before any cluster starts
-        mode_spec(mode, args.max_num_batched_tokens)
     results = {}
     for mode in modes:
-        results[mode] = await _run_mode(args, mode, prompts_per_rate, out_lens, unloaded, warmup, rates)
+        results[mode] = await _run_mode(args, mode, workloads, unloaded, warmup, rates)
     base_ttft = min(r["unloaded_ttft_s"] for r in results.values())
     base_tpot = min(r["unloaded_tpot_s"] for r in results.values())
     slo = {"ttft_ms": args.ttft_factor * base_ttft * 1e3, "tpot_ms": args.tpot_factor * base_tpot * 1e3}
