@@ -52,7 +52,7 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
     assert all(p["kv_trace"]["handoffs"] == 0 for p in result["modes"]["colocated/32"]["points"])
 
 
-def test_compare_rejects_unknown_modes_before_starting_anything(tmp_path):
+def test_compare_rejects_unknown_modes_before_starting_anything(tmp_path, capsys):
     from cluster.bench.compare_bench import mode_spec, requests_per_rate
 
     assert requests_per_rate([2.0, 12.5, float("inf")], 40, None) == [40, 40, 40]
@@ -65,3 +65,7 @@ def test_compare_rejects_unknown_modes_before_starting_anything(tmp_path):
     for bad in ("colo", "colocated/abc", "colocated/8", "disaggregated/"):
         with pytest.raises(ValueError, match="mode|budget"):
             mode_spec(bad, 8192)
+    # a clear error before the model is even read (tmp_path holds none), so no cluster starts
+    assert main(["bench", "compare", "--model", str(tmp_path), "--modes", "colocated,colocated",
+                 "--out", str(tmp_path)]) == 2
+    assert "lists a mode twice" in capsys.readouterr().err

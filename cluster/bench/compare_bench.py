@@ -121,11 +121,13 @@ async def _run_mode(args: argparse.Namespace, mode: str, workloads: list[Workloa
 async def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from cluster.engine.models.loader import read_model_spec
 
-    spec = read_model_spec(args.model)
-    rates = parse_rates(args.request_rate)
     modes = args.modes.split(",")
     for mode in modes:  # bad arguments fail before any cluster starts
         mode_spec(mode, args.max_num_batched_tokens)
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"--modes lists a mode twice: {args.modes}")
+    spec = read_model_spec(args.model)
+    rates = parse_rates(args.request_rate)
     lengths = LengthSpec(input_range=parse_range(args.input_range), output_range=parse_range(args.output_range))
     vocab = spec.vocab_size
     workloads: list[Workload] = []
