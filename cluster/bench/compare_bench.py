@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from cluster.bench.kv_trace_report import format_summary, load_trace, phase_summary
-from cluster.bench.metrics import max_rate_meeting, serve_metrics
+from cluster.bench.metrics import max_rate_meeting, serve_metrics, slo_attainment
 from cluster.bench.plots import rate_label
 from cluster.bench.report import metadata, run_dir, write_json
 from cluster.bench.serve_bench import request_rows, run_rate, send_one, sweep_point
@@ -153,7 +153,7 @@ async def _compare(args: argparse.Namespace) -> dict[str, Any]:
         points = []
         for rate, records, duration, window in r["runs"]:
             points.append(sweep_point(rate, serve_metrics(records, duration, slo)))
-            points[-1]["tbt_slo_attainment"] = serve_metrics(records, duration, slo_tbt)["slo_attainment"]
+            points[-1]["tbt_slo_attainment"] = slo_attainment(records, slo_tbt)
             if trace:
                 points[-1]["kv_trace"] = phase_summary(trace, window)
         report["modes"][mode] = {

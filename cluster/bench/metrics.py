@@ -123,6 +123,11 @@ def meets_slo(rec: RequestRecord, slo: dict[str, float]) -> bool:
     return all((got[k] or 0.0) * 1000 <= bound for k, bound in slo.items())
 
 
+def slo_attainment(records: Sequence[RequestRecord], slo: dict[str, float]) -> float:
+    """The share of ALL requests that completed and meet `slo` (NaN for no requests)."""
+    return sum(meets_slo(r, slo) for r in records) / len(records) if records else math.nan
+
+
 def serve_metrics(records: Sequence[RequestRecord], duration_s: float, slo: dict[str, float]) -> dict:
     """Aggregate metrics of one serving run (latencies in ms, throughputs per second of `duration_s`)."""
     done = [r for r in records if r.ok]
@@ -147,7 +152,7 @@ def serve_metrics(records: Sequence[RequestRecord], duration_s: float, slo: dict
         "e2e_ms": summarize(ms(r.e2e for r in done)),
         "server_ms": {k: summarize([r.server_ms[k] for r in done if r.server_ms]) for k in SERVER_KEYS},
         "slo": dict(slo), "num_good": len(good),
-        "slo_attainment": len(good) / len(records) if records else math.nan,
+        "slo_attainment": slo_attainment(records, slo),
         "goodput": len(good) / dur,
     }
 
