@@ -7,6 +7,8 @@ Per handoff, from the sender's and the receiver's monotonic times:
   posted     every layer enqueued -> the receiver posted its last receive (nccl/gloo: lags its control thread)
   data       "end" read -> the receiver saw the data in (its GPU work behind the transfer)
   answer     the receiver answered -> the sender read it
+  copies     (cuda_ipc) every layer enqueued -> the sender saw its copies end
+  seen_late  (cuda_ipc) the sender saw its copies end -> the receiver did (its poll of the IPC event)
   post_busy  (a duration) the receiver's control thread's time posting the transfer's chunks (nccl/gloo)
 """
 
@@ -25,6 +27,8 @@ _PHASES = {
     "posted": ("all_sent", "rx.posted"),
     "data": ("rx.end", "rx.data"),
     "answer": ("rx.reply", "reply"),
+    "copies": ("all_sent", "drained"),
+    "seen_late": ("drained", "rx.data"),
     "post_busy": (None, "rx.post_s"),
 }
 
@@ -65,3 +69,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     """One line: `phase p50/p90` for each phase measured."""
     parts = [f"{name} {v['p50']:.2f}/{v['p90']:.2f}" for name, v in summary.items() if isinstance(v, dict)]
     return f"{summary['handoffs']} handoffs, ms p50/p90: " + ", ".join(parts)
+
+
+def main() -> None:
+    """`python -m cluster.bench.kv_trace_report DIR`: phases per (transport, blocks, streamed) of DIR's traces."""
+    import sys
+
+    groups: dict[tuple[str, int, bool], list[dict[str, Any]]] = {}
+    for e in load_trace(sys.argv[1]):
+        groups.setdefault((e["transport"], e["blocks"], e["streamed"]), []).append(e)
+    for (name, blocks, streamed), entries in sorted(groups.items()):
+        print(f"{name} {blocks} blocks{' streamed' if streamed else ''}: {format_summary(phase_summary(entries))}")
+
+
+if __name__ == "__main__":
+    main()

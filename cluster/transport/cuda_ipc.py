@@ -159,6 +159,7 @@ class _IpcSendStream(PairedSendStream):
         # copy wakes 0.1-0.5 ms late from a deep CPU idle state; the reply then follows in tens of us.
         assert self.link.stream is not None
         drain(self.link.stream)
+        self.times["drained"] = time.monotonic()  # our copies are done (trace)
         reply = self._reply()
         if reply.get("status") != "ok":  # written after the receiver stopped waiting: report, loudly
             raise TransportRejected(f"KV write of {self.rid!r} into {self.pair.endpoint} was late: "
