@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport._sock_ctl import CtlConn
+from cluster.transport._sock_ctl import CtlConn, fine_timer_slack
 from cluster.transport._streams import device_ids, wait_event, wait_stream
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
@@ -134,6 +134,7 @@ class DistReceiver:
     def _completer(self, conn: CtlConn, ended: queue.SimpleQueue, transfers: dict[int, _InTransfer],
                    lock: threading.Lock) -> None:
         """Answer ended transfers, in order, as their data lands; past a deadline, break the pair."""
+        fine_timer_slack()  # its polls of the data's event end on time
         while (item := ended.get()) is not None:
             seq, t, event = item
             try:

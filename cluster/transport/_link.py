@@ -23,8 +23,9 @@ class Link:
     replies: dict[int, dict[str, Any]] = field(default_factory=dict)
     reading: bool = False
 
-    def await_reply(self, seq: int, deadline: float) -> dict[str, Any]:
-        """The receiver's reply to `seq`; TransportError on timeout or when the link broke."""
+    def await_reply(self, seq: int, deadline: float, spin_s: float = 0.0) -> dict[str, Any]:
+        """The receiver's reply to `seq`; TransportError on timeout or when the link broke. `spin_s`: the
+        reply is due any moment, poll for it that long before sleeping (see `CtlConn.recv`)."""
         while True:
             with self.cv:
                 while not (seq in self.replies or self.broken or not self.reading):
@@ -36,7 +37,7 @@ class Link:
                     raise TransportError(self.broken)
                 self.reading = True
             try:
-                msg = self.ctl.recv(deadline - time.monotonic())
+                msg = self.ctl.recv(deadline - time.monotonic(), spin_s)
             except TimeoutError:
                 raise TransportError("KV receiver did not answer in time") from None
             finally:

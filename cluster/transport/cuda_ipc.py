@@ -9,7 +9,7 @@ The sender maps the segment once per receiver (`cudaIpcOpenMemHandle`, lazy peer
 [base + offset, + cache bytes) as a tensor of the cache's shape on its own device (cupy memory ->
 DLPack), and copies block to block into that view, per chunk of layers (a plain send: all layers at once),
 over NVLink / PCIe peer access. Where the source and destination ids form few runs of consecutive blocks
-(a fresh request in a cache that is not fragmented), each run is ONE 2D copy on the copy engine
+(up to 32: what a cache under churn mostly gives), each run is ONE 2D copy on the copy engine
 (cudaMemcpy2DAsync: a row per layer and key/value), which moves ~395 GB/s over NV18 and takes no SMs from
 a prefill it runs beside; scattered ids take the Triton block-to-block kernel (`engine/kernels/block_copy.py`,
 ~370 GB/s). Memory from `expandable_segments` (cuMem VMM) cannot be exported this way: listen() raises.
@@ -46,9 +46,13 @@ from cluster.transport._streams import device_ids, drain, wait_event, wait_strea
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 STREAMING_PROGRAMS = 16  # thread blocks per copy beside a prefill (of 132 SMs on an H100/H200)
-COPY_ENGINE_MAX_RUNS = 8  # more runs of consecutive blocks than this: one kernel beats a copy call per run
+# More runs of consecutive blocks than this: one kernel beats a copy call per run. At 21-24 runs a 2K handoff
+# still copies faster on the copy engine (0.74-0.75 ms) than with the kernel on every SM (0.77 ms), and takes
+# no SMs (docs/results/probe_ce_split.txt).
+COPY_ENGINE_MAX_RUNS = 32
 _MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
-_DONE_POLL_MAX_S = 5e-5  # the receiver's poll of a transfer's copies: they end within about a ms
+_DONE_POLL_S = 2e-5  # the receiver's poll of a transfer's copies: they end within about a ms
+_REPLY_SPIN_S = 2e-4  # the sender's poll for the answer once its copies are done: it is due within tens of us
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 
 
@@ -151,8 +155,8 @@ class _IpcSendStream(PairedSendStream):
         self.link.ctl.send({"op": "done", "seq": self.seq, "rid": self.rid, "ok": True, "error": None})
         self.ended = True
 
-    def _reply(self) -> dict[str, Any]:
-        return self.link.await_reply(self.seq, max(self.deadline or 0.0, time.monotonic() + 1.0))
+    def _reply(self, spin_s: float = 0.0) -> dict[str, Any]:
+        return self.link.await_reply(self.seq, max(self.deadline or 0.0, time.monotonic() + 1.0), spin_s)
 
     def _complete(self) -> dict[str, Any]:
         # Wait out our copies first (GIL released, the driver spins): a thread asleep in recv() for the whole
@@ -160,7 +164,7 @@ class _IpcSendStream(PairedSendStream):
         assert self.link.stream is not None
         drain(self.link.stream)
         self.times["drained"] = time.monotonic()  # our copies are done (trace)
-        reply = self._reply()
+        reply = self._reply(_REPLY_SPIN_S)
         if reply.get("status") != "ok":  # written after the receiver stopped waiting: report, loudly
             raise TransportRejected(f"KV write of {self.rid!r} into {self.pair.endpoint} was late: "
                                     f"{reply.get('error')}")
@@ -240,7 +244,7 @@ class CudaIpcTransport(PairedTransport):
                 ok, error = bool(msg["ok"]), msg.get("error")
                 if ok and ticket is not None and event is not None:
                     try:  # the copies were enqueued before "done" was sent; they take about a ms
-                        wait_event(event, ticket.write_deadline, max_gap_s=_DONE_POLL_MAX_S)
+                        wait_event(event, ticket.write_deadline, max_gap_s=_DONE_POLL_S)
                     except (TransportError, RuntimeError) as e:  # late, or a CUDA error (the sender died)
                         ok, error = False, f"the sender's copies did not complete: {e}"
                 rx["data"] = time.monotonic()
