@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -20,7 +21,11 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> dict[str, Any] | None:
-    """HEAD commit of the pdserve checkout and whether the tree has local changes; None outside git."""
+    """HEAD commit of the pdserve checkout and whether the tree has local changes; None outside git.
+    `PDSERVE_COMMIT` names the commit of a tree copied without its history (a GPU host's copy), and wins."""
+    if named := os.environ.get("PDSERVE_COMMIT"):
+        return {"commit": named, "dirty": None, "from": "PDSERVE_COMMIT"}
+
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=_REPO, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
