@@ -52,7 +52,7 @@ STREAMING_PROGRAMS = 16  # thread blocks per copy beside a prefill (of 132 SMs o
 COPY_ENGINE_MAX_RUNS = 32
 _MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
 _DONE_POLL_S = 2e-5  # the receiver's poll of a transfer's copies: they end within about a ms
-_REPLY_SPIN_S = 2e-4  # the sender polls (no sleep) for an answer due soon: "go", and "ok" once its copies end
+_REPLY_SPIN_S = 2e-4  # the sender's poll for the answer once its copies are done: it is due within tens of us
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 
 
@@ -108,7 +108,7 @@ class _IpcSendStream(PairedSendStream):
     def _begin(self, src: list[int]) -> None:
         self.link.ctl.send({"op": "claim", "seq": self.seq, "rid": self.rid, "dst": self.dst, "timeout": self.left()})
         self._prepare(src)  # while the claim travels
-        reply = self.link.await_reply(self.seq, self.deadline or 0.0, _REPLY_SPIN_S)  # "go" is due in ~0.1 ms
+        reply = self.link.await_reply(self.seq, self.deadline or 0.0)
         if reply.get("status") != "go":
             self.done = True  # nothing to tell the receiver at abort
             raise TransportRejected(f"KV receiver {self.pair.endpoint} dropped {self.rid!r}: {reply.get('error')}")
