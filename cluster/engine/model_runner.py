@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from cluster.engine.attention import AttentionMetadata, forward_context
@@ -59,8 +60,11 @@ class ModelRunner:
             self.graphs.capture()
 
     def _upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
-        """Several int lists to the device in ONE host-to-device copy; returns int64 device views."""
-        host = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long)
+        """Several int lists to the device in ONE host-to-device copy; returns int64 device views.
+        Through numpy: a decode step's ~3K ints (mostly block tables) take ~40 us, `torch.tensor` of the
+        list ~160 us, with the GPU idle until the step's inputs are in."""
+        flat = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=sum(map(len, parts)))
+        host = torch.from_numpy(flat)
         if self.device.type == "cuda":
             host = host.pin_memory()
         return list(host.to(self.device, non_blocking=True).split([len(p) for p in parts]))
