@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from cluster.bench import kv_trace_report
 from cluster.cli import main
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, monkeypatch):
+def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(KV_TRACE_ENV, "")  # --kv-trace sets it for the run; restored afterwards
     rc = main(["bench", "compare", "--model", str(tiny_llama), "--device", "cpu", "--transport", "auto",
                "--modes", "disaggregated,colocated/32", "--input-range", "20,60", "--output-range", "4,8",
@@ -50,6 +52,14 @@ def test_compare_disaggregated_and_colocated(tiny_llama, ray_session, tmp_path, 
         assert phases["exposed"]["p50"] > 0 and phases["answer"]["p50"] >= 0
         assert phases["exposed"]["p90"] >= phases["answer"]["p90"]
     assert all(p["kv_trace"]["handoffs"] == 0 for p in result["modes"]["colocated/32"]["points"])
+    # the same traces, summarised by `python -m cluster.bench.kv_trace_report DIR`: one line per transfer size
+    capsys.readouterr()  # the compare's own report
+    kv_trace_report.main([str(folder / "kv-trace")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines and all(re.fullmatch(r"\w+ \d+ blocks( streamed)?: \d+ handoffs, ms p50/p90: exposed .*", x)
+                         for x in lines), lines
+    traced = sum(len(f.read_text().splitlines()) for f in folder.glob("kv-trace/kv-trace-*.jsonl"))
+    assert sum(int(x.split(": ")[1].split()[0]) for x in lines) == traced >= 4 + 6  # every traced handoff, once
 
 
 def test_compare_rejects_unknown_modes_before_starting_anything(tmp_path, capsys):

@@ -71,12 +71,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     return f"{summary['handoffs']} handoffs, ms p50/p90: " + ", ".join(parts)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """`python -m cluster.bench.kv_trace_report DIR`: phases per (transport, blocks, streamed) of DIR's traces."""
     import sys
 
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m cluster.bench.kv_trace_report DIR  (a PDSERVE_KV_TRACE folder)")
     groups: dict[tuple[str, int, bool], list[dict[str, Any]]] = {}
-    for e in load_trace(sys.argv[1]):
+    for e in load_trace(args[0]):
         groups.setdefault((e["transport"], e["blocks"], e["streamed"]), []).append(e)
     for (name, blocks, streamed), entries in sorted(groups.items()):
         print(f"{name} {blocks} blocks{' streamed' if streamed else ''}: {format_summary(phase_summary(entries))}")
