@@ -31,6 +31,19 @@ def test_percentile_matches_linear_interpolation():
     assert m.summarize([])["count"] == 0
 
 
+def test_median_ci_brackets_the_median_and_narrows_with_more_data():
+    assert m.median_ci([3.0] * 10) == (3.0, 3.0)
+    assert all(math.isnan(x) for x in m.median_ci([]))
+    rng = random.Random(7)
+    small = [rng.gauss(3.0, 1.0) for _ in range(10)]
+    large = [rng.gauss(3.0, 1.0) for _ in range(400)]
+    lo_s, hi_s = m.median_ci(small)
+    lo_l, hi_l = m.median_ci(large)
+    assert lo_s <= m.percentile(small, 50) <= hi_s and lo_l <= m.percentile(large, 50) <= hi_l
+    assert lo_l < 3.0 < hi_l and hi_l - lo_l < (hi_s - lo_s) / 2  # ~1/sqrt(n)
+    assert m.median_ci(small) == (lo_s, hi_s)  # seeded: the same data gives the same report
+
+
 def test_ttft_tpot_itl_e2e_of_one_request():
     rec = m.RequestRecord(prompt_len=10, max_tokens=4, start=100.0, delta_times=[100.5, 100.6, 100.8],
                           num_output_tokens=4, end=100.9)  # the last delta carried two tokens

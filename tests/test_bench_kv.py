@@ -134,6 +134,8 @@ def test_bench_kv_prefill_cpu(tmp_path: Path, tiny_llama: Path, capsys: pytest.C
     assert min(row["prefill_ms"], row["streamed_ms"], row["bulk_ms"]) > 0
     assert {k: len(v) for k, v in row["times_ms"].items()} == {"alone": 2, "streamed": 2, "bulk": 2}
     assert row["exposed_streamed_ms"] == pytest.approx(row["streamed_ms"] - row["prefill_ms"])
+    lo, hi = row["overhead_paired_ci95_pct"]  # each repetition's streamed over its own alone
+    assert lo <= row["overhead_paired_pct"] <= hi
 
 
 @pytest.mark.timeout(120)

@@ -37,6 +37,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def median_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+              seed: int = 0) -> tuple[float, float]:
+    """A bootstrap confidence interval of the median of `values` (seeded, so a report is reproducible)."""
+    if not values:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    n = len(values)
+    medians = [percentile(rng.choices(values, k=n), 50) for _ in range(resamples)]
+    tail = (1 - confidence) / 2 * 100
+    return percentile(medians, tail), percentile(medians, 100 - tail)
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """count, mean, std, min, p50, p90, p99, max of `values` (NaN for an empty list, count 0)."""
     n = len(values)
