@@ -46,9 +46,8 @@ from cluster.transport._streams import device_ids, drain, wait_event, wait_strea
 from cluster.transport.base import TransportError, TransportRejected, _Expected
 
 STREAMING_PROGRAMS = 16  # thread blocks per copy beside a prefill (of 132 SMs on an H100/H200)
-# More runs of consecutive blocks than this: one kernel beats a copy call per run. At 21-24 runs a 2K handoff
-# still copies faster on the copy engine (0.74-0.75 ms) than with the kernel on every SM (0.77 ms), and takes
-# no SMs (docs/results/probe_ce_split.txt).
+# More runs of consecutive blocks than this: the kernel. At 21-24 runs a 2K handoff still copies faster on the
+# copy engine (0.74-0.75 ms) than with the kernel on every SM (0.77 ms): docs/results/probe_ce_split.txt.
 COPY_ENGINE_MAX_RUNS = 32
 _MEMCPY_DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
 _DONE_POLL_S = 2e-5  # the receiver's poll of a transfer's copies: they end within about a ms
