@@ -55,7 +55,8 @@ def test_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for argv, message in ((["--shape", "llama-9000"], "unknown shape"), (["--model", out], "not a model directory"),
                           (["--shape", "tiny", "--transport", "nccl"], "--device cuda"),
                           (["--shape", "tiny", "--prompt-len", "0"], "--prompt-len"),
-                          (["--shape", "tiny", "--prefill"], "--prefill runs the model")):
+                          (["--shape", "tiny", "--prefill"], "--prefill runs the model"),
+                          (["--shape", "tiny", "--profile"], "give --prefill too")):
         assert main(["bench", "kv", *argv, "--out", out]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --model and --shape exclude each other
@@ -125,7 +126,7 @@ def test_bench_kv_from_config_json_and_failed_sends(tmp_path: Path):
 def test_bench_kv_prefill_cpu(tmp_path: Path, tiny_llama: Path, capsys: pytest.CaptureFixture[str]):
     """--prefill runs the real engine on the sender: prefill alone, streamed and bulk, interleaved."""
     rc = main(["bench", "kv", "--model", str(tiny_llama), "--prefill", "--prompt-len", "40", "--transport", "gloo",
-               "--dtype", "float32", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+               "--dtype", "float32", "--repeats", "2", "--warmup", "1", "--profile", "--out", str(tmp_path)])
     assert rc == 0
     assert "TTFT: prefill alone" in capsys.readouterr().out
     r = _result(tmp_path)
@@ -136,6 +137,14 @@ def test_bench_kv_prefill_cpu(tmp_path: Path, tiny_llama: Path, capsys: pytest.C
     assert row["exposed_streamed_ms"] == pytest.approx(row["streamed_ms"] - row["prefill_ms"])
     lo, hi = row["overhead_paired_ci95_pct"]  # each repetition's streamed over its own alone
     assert lo <= row["overhead_paired_pct"] <= hi
+    # --profile: a torch.profiler trace per mode and the per-op comparison, beside result.json
+    prof = row["profile"]
+    (folder,) = list(tmp_path.glob("kv-*"))
+    traces = [json.loads((folder / "profile" / name).read_text()) for name in prof["traces"]]
+    assert all(t["traceEvents"] for t in traces) and set(prof["wall_ms"]) == {"alone", "streamed"}
+    ops = (folder / "profile" / prof["ops"]).read_text().splitlines()
+    assert ops[0].startswith("gloo-prefill-40: each op's own CPU time") and "(all ops)" in ops[2]
+    assert any(line.endswith("aten::mm") for line in ops)  # the model's matmuls are in it
 
 
 @pytest.mark.timeout(120)

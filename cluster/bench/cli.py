@@ -118,6 +118,9 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", action="store_true",
                    help="also time each prompt's prefill on the sender (--model with weights): alone, with the KV "
                         "streamed layer by layer, and with one send after it")
+    p.add_argument("--profile", action="store_true",
+                   help="with --prefill: one more prefill alone and one streamed per case under torch.profiler "
+                        "(Chrome traces and a per-op comparison in the run folder's profile/)")
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ handoff_ms` is the fraction of raw bandwidth the handoff achieves. No weights ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import queue
 import time
@@ -198,6 +199,8 @@ def run_kv_bench(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --model DIR and --shape NAME")
     if args.prefill and args.model is None:
         raise ValueError("--prefill runs the model: give --model DIR with its weights")
+    if args.profile and not args.prefill:
+        raise ValueError("--profile profiles the --prefill runs: give --prefill too")
     if min(args.repeats, args.block_size, args.min_repeats) < 1 or args.warmup < 0 or args.case_budget_s <= 0:
         raise ValueError("--repeats, --min-repeats and --block-size must be >= 1, --warmup >= 0, budget > 0")
     prompt_lens = parse_ints(str(args.prompt_len), "--prompt-len")
@@ -220,6 +223,9 @@ def run_kv_bench(args: argparse.Namespace) -> int:
                 contiguous_ids=args.contiguous_ids, churned_ids=args.churned_ids,
                 switch_interval_s=args.switch_interval_ms / 1e3 if args.switch_interval_ms else None)
     meta = metadata("kv", args, args.device, args.model)
+    folder = run_dir(args.out, "kv")
+    if args.profile:
+        plan = dataclasses.replace(plan, profile_dir=str(folder / "profile"))
     t0 = time.perf_counter()
     out = _spawn(plan, args.deadline)
     wall = time.perf_counter() - t0
@@ -239,7 +245,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
         "switch_interval_ms": args.switch_interval_ms,
         "wall_s": wall, "raw": raw_rows, "results": rows, "prefill": prefill, "problems": problems,
     }
-    path = write_json(run_dir(args.out, "kv") / "result.json", result)
+    path = write_json(folder / "result.json", result)
     print(f"KV handoff {devices[0]} -> {devices[1]}, {args.dtype}, {layout.bytes_per_block / 2**20:.3f} MiB/block "
           f"({spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim}, block {args.block_size})")
     print_table(rows, raw_backend)

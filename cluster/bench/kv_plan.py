@@ -31,6 +31,7 @@ class Plan:
     contiguous_ids: bool = False  # consecutive block ids on both sides instead of scattered ones
     churned_ids: bool = False  # ids as two caches that have served a while hand them out (bench blocks' replay)
     switch_interval_s: float | None = None  # sys.setswitchinterval in both processes (None: Python's 5 ms)
+    profile_dir: str | None = None  # with prefill_model: a torch.profiler timeline per case (kv_profile)
 
 
 def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_repeats: int,

@@ -60,7 +60,39 @@ def _prefill(engine: LLMEngine, rid: str, tokens: list[int], sink: Any = None) -
     return out.kv_block_ids  # as the prefill worker gets them
 
 
+def run_once(sender: Sender, engine: LLMEngine, transport: Any, endpoint: str, mode: str, rid: str,
+             tokens: list[int], dst: list[int], verify: bool = False) -> float:
+    """One prefill of `tokens` in `mode` ("alone", "streamed" or "bulk"); seconds from submitting it until its
+    first token is sampled and, with a handoff, the receiver holds the KV. Its blocks are released after."""
+    plan = sender.plan
+    if mode != "alone":
+        sender.ask("expect", rid, dst, verify)
+    stream = transport.open_send(endpoint, rid, dst, plan.send_timeout_s) if mode == "streamed" else None
+    _sync(engine)
+    t0 = time.perf_counter()
+    try:
+        src = _prefill(engine, rid, tokens, stream)
+        if stream is not None:
+            stream.finish(src)
+        elif mode == "bulk":
+            transport.send(endpoint, rid, src, dst, plan.send_timeout_s)
+        _sync(engine)
+        elapsed = time.perf_counter() - t0
+    except BaseException:
+        if mode != "alone":
+            sender.ask("received", rid, False)
+        engine.abort(rid)
+        raise
+    if mode != "alone":
+        sender.ask("received", rid, True)
+    if verify:
+        sender._verify(src, dst)
+    engine.release_prefilled(rid)
+    return elapsed
+
+
 def _case(sender: Sender, engine: LLMEngine, transport: Any, endpoint: str, prompt_len: int) -> dict[str, Any]:
+    """The timed repetitions ("times_s" per mode) and, with --profile, one profiled run per mode ("profile")."""
     plan = sender.plan
     gen = torch.Generator().manual_seed(plan.seed + prompt_len)
     _, dst = block_ids(plan, plan.layout.blocks_for_tokens(prompt_len))
@@ -69,33 +101,19 @@ def _case(sender: Sender, engine: LLMEngine, transport: Any, endpoint: str, prom
     for i in range(max(plan.warmup, 1) + plan.repeats):
         for mode in times:
             tokens = torch.randint(engine.spec.vocab_size, (prompt_len,), generator=gen).tolist()
-            rid = f"{tag}-{mode}-{i}"
-            if mode != "alone":
-                sender.ask("expect", rid, dst, i == 0 and mode == "streamed")
-            stream = transport.open_send(endpoint, rid, dst, plan.send_timeout_s) if mode == "streamed" else None
-            _sync(engine)
-            t0 = time.perf_counter()
-            try:
-                src = _prefill(engine, rid, tokens, stream)
-                if stream is not None:
-                    stream.finish(src)
-                elif mode == "bulk":
-                    transport.send(endpoint, rid, src, dst, plan.send_timeout_s)
-                _sync(engine)
-                elapsed = time.perf_counter() - t0
-            except BaseException:
-                if mode != "alone":
-                    sender.ask("received", rid, False)
-                engine.abort(rid)
-                raise
-            if mode != "alone":
-                sender.ask("received", rid, True)
-            if i == 0 and mode == "streamed":
-                sender._verify(src, dst)
-            engine.release_prefilled(rid)
+            elapsed = run_once(sender, engine, transport, endpoint, mode, f"{tag}-{mode}-{i}", tokens, dst,
+                               verify=i == 0 and mode == "streamed")
             if i >= max(plan.warmup, 1):
                 times[mode].append(elapsed)
-    return times
+    out: dict[str, Any] = {"times_s": times}
+    if plan.profile_dir is not None:
+        from cluster.bench.kv_profile import profile_case
+
+        tokens = torch.randint(engine.spec.vocab_size, (prompt_len,), generator=gen).tolist()
+        out["profile"] = profile_case(plan.profile_dir, tag, engine.device,
+                                      lambda mode: run_once(sender, engine, transport, endpoint, mode,
+                                                            f"{tag}-profile-{mode}", tokens, dst))
+    return out
 
 
 def prefill_rows(sender: Sender, engine: LLMEngine) -> list[dict[str, Any]]:
@@ -110,8 +128,8 @@ def prefill_rows(sender: Sender, engine: LLMEngine) -> list[dict[str, Any]]:
         try:
             for p in sender.plan.prompt_lens:
                 try:
-                    rows.append({"transport": name, "prompt_len": p, "times_s": _case(sender, engine, transport,
-                                                                                      endpoint, p)})
+                    rows.append({"transport": name, "prompt_len": p,
+                                 **_case(sender, engine, transport, endpoint, p)})
                 except Exception as e:
                     rows.append({"transport": name, "prompt_len": p, "error": f"{type(e).__name__}: {e}"})
         finally:
@@ -140,7 +158,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "overhead_pct": (med["streamed"] / med["alone"] - 1) * 100,
                     "overhead_paired_pct": percentile(paired_pct, 50),
                     "overhead_paired_ci95_pct": list(median_ci(paired_pct)),
-                    "times_ms": {m: [t * 1e3 for t in ts] for m, ts in r["times_s"].items()}})
+                    "times_ms": {m: [t * 1e3 for t in ts] for m, ts in r["times_s"].items()},
+                    **({"profile": r["profile"]} if "profile" in r else {})})
     return out
 
 
