@@ -76,7 +76,7 @@ class ClusterConfig:
     def resolved_transport(self, one_host: bool = False) -> str:
         """The KV transport, with "auto" resolved: on GPUs "cuda_ipc" when `one_host` (every worker on one
         machine and CUDA IPC usable there: the sender copies straight into the receiver's blocks on the copy
-        engine, no receiver SMs, 2 control messages; a 2K handoff in ~0.94 ms against nccl's ~2 ms,
+        engine, no receiver SMs, 2 control messages; a 2K handoff in ~1 ms against nccl's ~2 ms,
         docs/benchmarks.md), else "nccl" (within and across hosts); gloo (the same torch.distributed code) on
         CPU. "none" in colocated mode, where no KV moves between workers."""
         if self.mode == "colocated":

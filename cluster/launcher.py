@@ -18,6 +18,7 @@ from cluster.builtin_model import ensure_builtin_model
 from cluster.cluster_config import ClusterConfig
 from cluster.config import EngineConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
+from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
@@ -139,7 +140,7 @@ class Cluster:
 
         roles = self.config.worker_roles()
         env = {"OMP_NUM_THREADS": str(max(1, int(self.config.cpus_per_worker))), "RAY_DEDUP_LOGS": "0"}
-        if trace := os.environ.get(KV_TRACE_ENV):  # handoff timelines (cluster.kv_trace)
+        if trace := trace_dir():  # handoff timelines (cluster.kv_trace)
             env[KV_TRACE_ENV] = trace
         if self.transport == "cuda_ipc":
             # CUDA IPC opens the peer's memory, so every GPU must stay visible; each worker then picks its own

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 from typing import Any
 
+from cluster.bench.metrics import percentile
 from cluster.bench.report import metadata, run_dir, write_json
 from cluster.bench.workload import parse_range
 from cluster.engine.block_manager import BlockManager
@@ -104,10 +104,10 @@ def replay(args: argparse.Namespace) -> list[dict[str, int]]:
 
 def summarize(rows: list[dict[str, int]], max_runs: int) -> dict[str, Any]:
     kept = rows[len(rows) // 3:]
-    out: dict[str, Any] = {"transfers": len(kept), "blocks_median": statistics.median(r["blocks"] for r in kept)}
+    out: dict[str, Any] = {"transfers": len(kept), "blocks_median": percentile([r["blocks"] for r in kept], 50)}
     for key in ("src_runs", "dst_runs", "pair_runs"):
-        values = sorted(r[key] for r in kept)
-        out[key] = {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))]}
+        values = [r[key] for r in kept]
+        out[key] = {"median": percentile(values, 50), "p90": percentile(values, 90)}
     out["share_copy_engine"] = sum(r["pair_runs"] <= max_runs for r in kept) / len(kept)
     return out
 
@@ -123,7 +123,7 @@ def run_blocks_bench(args: argparse.Namespace) -> int:
     summary = summarize(replay(args), COPY_ENGINE_MAX_RUNS)
     print(f"{summary['transfers']} transfers after warm-up, median {summary['blocks_median']:g} blocks each")
     for key in ("src_runs", "dst_runs", "pair_runs"):
-        print(f"  {key:<9} median {summary[key]['median']:g}  p90 {summary[key]['p90']}")
+        print(f"  {key:<9} median {summary[key]['median']:g}  p90 {summary[key]['p90']:g}")
     print(f"  share with <= {COPY_ENGINE_MAX_RUNS} runs (cuda_ipc copy-engine path): "
           f"{100 * summary['share_copy_engine']:.0f}%")
     result = {**metadata("blocks", args, "cpu", None), "copy_engine_max_runs": COPY_ENGINE_MAX_RUNS, **summary}
