@@ -27,6 +27,12 @@ from router.server import RouterServer, serve
 log = logging.getLogger(__name__)
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# Each role's servicer ("module:Class"), handed to the worker host, which never imports the roles itself.
+ROLE_SERVICERS = {
+    "prefill": "prefill_worker.service:PrefillServicer",
+    "decode": "decode_worker.service:DecodeServicer",
+    "colocated": "cluster.worker.colocated_service:ColocatedServicer",
+}
 
 
 @dataclass
@@ -153,7 +159,7 @@ class Cluster:
             self.workers.append(actor_cls.options(
                 num_gpus=1, num_cpus=self.config.cpus_per_worker, scheduling_strategy=strategy,
                 runtime_env={"env_vars": env}, max_concurrency=1000,
-            ).remote(self._worker_config(role, i, hosts[i])))
+            ).remote(self._worker_config(role, i, hosts[i]), ROLE_SERVICERS[role]))
         t0 = time.perf_counter()
         self.worker_info = list(await asyncio.gather(*(w.start.remote() for w in self.workers)))
         log.info("workers up in %.1fs: %s", time.perf_counter() - t0, self.worker_info)

@@ -6,25 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
-import grpc
 from pdserve.v1 import worker_pb2 as wpb
 
-from cluster.transport import KVTransport
+from cluster.transport import create_transport
 from cluster.wire import sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
-from cluster.worker.service_base import WorkerServicerBase, chunk_from_output
+from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
 
 class DecodeServicer(WorkerServicerBase):
-    def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop, transport: KVTransport,
-                 endpoint: str) -> None:
+    def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> None:
         super().__init__(config, worker_id, loop)
-        self.transport = transport
-        self.endpoint = endpoint
         self._leases: dict[str, tuple[asyncio.TimerHandle, float]] = {}  # request id -> (expiry timer, deadline)
+
+    @classmethod
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> DecodeServicer:
+        servicer = cls(config, worker_id, loop)
+        engine = loop.engine
+        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host)
+        servicer.endpoint = await asyncio.to_thread(servicer.transport.listen)
+        return servicer
 
     async def _free_reservation(self, rid: str) -> bool:
         """Stop expecting KV for `rid` (waits out a write in progress) and give its blocks back."""
@@ -35,17 +38,16 @@ class DecodeServicer(WorkerServicerBase):
         if self._leases.pop(rid, None) is not None:
             asyncio.ensure_future(self._free_reservation(rid))
 
-    async def Reserve(self, request: wpb.ReserveRequest, context: grpc.aio.ServicerContext) -> wpb.ReserveReply:
+    async def Reserve(self, request: wpb.ReserveRequest) -> wpb.ReserveReply:
         rid, n = request.request_id, request.num_tokens
         if n < 1 or request.lease_ms < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_tokens and lease_ms must be >= 1")
+            raise WorkerError("INVALID_ARGUMENT", "num_tokens and lease_ms must be >= 1")
         try:
             blocks = self.loop.reserve(rid, n)  # thread-safe: no wait for the engine's current step
         except ValueError as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            raise WorkerError("ALREADY_EXISTS", str(e)) from None
         if blocks is None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"decode worker {self.worker_id} has no room for {n} tokens of KV")
+            raise WorkerError("RESOURCE_EXHAUSTED", f"decode worker {self.worker_id} has no room for {n} tokens of KV")
         self.transport.expect(rid, blocks)
         lease_s = request.lease_ms / 1e3
         timer = asyncio.get_running_loop().call_later(lease_s, self._expire, rid)
@@ -53,12 +55,12 @@ class DecodeServicer(WorkerServicerBase):
         return wpb.ReserveReply(block_ids=blocks, transport=self.transport.name, transport_endpoint=self.endpoint,
                                 worker_id=self.worker_id, block_size=self.config.engine.block_size)
 
-    async def Decode(self, request: wpb.DecodeRequest, context: grpc.aio.ServicerContext
-                     ) -> AsyncIterator[wpb.DecodeChunk]:
+    async def Decode(self, request: wpb.DecodeRequest) -> wpb.DecodeReply:
+        """Wait for the KV, then join the running batch; the tokens go to the router's stream."""
         rid = request.request_id
         lease = self._leases.pop(rid, None)
         if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no live reservation for request {rid}")
+            raise WorkerError("NOT_FOUND", f"no live reservation for request {rid}")
         lease[0].cancel()
         t0 = time.perf_counter()
         try:
@@ -66,10 +68,10 @@ class DecodeServicer(WorkerServicerBase):
             await self.blocking(self.transport.wait_received, rid, max(0.0, lease[1] - time.monotonic()))
         except ValueError as e:
             await self._free_reservation(rid)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise WorkerError("INVALID_ARGUMENT", str(e)) from None
         except (TimeoutError, KeyError) as e:
             await self._free_reservation(rid)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"KV for {rid} did not arrive: {e}")
+            raise WorkerError("DEADLINE_EXCEEDED", f"KV for {rid} did not arrive: {e}") from None
         except asyncio.CancelledError:
             await self._free_reservation(rid)
             raise
@@ -79,20 +81,15 @@ class DecodeServicer(WorkerServicerBase):
         def add(engine):  # ValueError inside releases the reservation (see add_prefilled_request)
             engine.add_prefilled_request(rid, prompt, first, params)
 
-        first_chunk = True
-        async for timed in self.run_request(rid, add, context):
-            chunk = chunk_from_output(timed.output)
-            if first_chunk:
-                chunk.first_step_ms = (time.perf_counter() - timed.step_started) * 1e3
-                chunk.kv_wait_ms = kv_wait_ms
-                first_chunk = False
-            yield chunk
+        await self.start_routed(rid, request.router_id, add)
+        return wpb.DecodeReply(kv_wait_ms=kv_wait_ms)
 
-    async def Cancel(self, request: wpb.CancelRequest, context: grpc.aio.ServicerContext) -> wpb.CancelReply:
-        rid = request.request_id
-        lease = self._leases.pop(rid, None)
-        found = False
+    async def Cancel(self, request: wpb.CancelRequest) -> wpb.CancelReply:
+        lease = self._leases.pop(request.request_id, None)
+        freed = False
         if lease is not None:
             lease[0].cancel()
-            found = await self._free_reservation(rid)
-        return wpb.CancelReply(found=await super().Cancel(request, context) and True or found)
+            freed = await self._free_reservation(request.request_id)
+        reply = await super().Cancel(request)
+        reply.found = reply.found or freed
+        return reply

@@ -9,32 +9,34 @@ from __future__ import annotations
 
 import time
 
-import grpc
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine.outputs import FINISH_PREFILLED
-from cluster.transport import KVTransport, TransportError
+from cluster.transport import TransportError, create_transport
 from cluster.wire import logprobs_to_proto, sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
-from cluster.worker.service_base import WorkerServicerBase
+from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
 
 class PrefillServicer(WorkerServicerBase):
-    def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop, transport: KVTransport) -> None:
-        super().__init__(config, worker_id, loop)
-        self.transport = transport
+    @classmethod
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> PrefillServicer:
+        servicer = cls(config, worker_id, loop)
+        engine = loop.engine
+        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host)
+        return servicer
 
-    async def Prefill(self, request: wpb.PrefillRequest, context: grpc.aio.ServicerContext) -> wpb.PrefillReply:
+    async def Prefill(self, request: wpb.PrefillRequest) -> wpb.PrefillReply:
         rid = request.request_id
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise WorkerError("INVALID_ARGUMENT", str(e)) from None
         dest = request.dest
         if dest.transport and dest.transport != self.transport.name:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
+            raise WorkerError("FAILED_PRECONDITION",
+                              f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
         tokens = list(request.token_ids)
         stream = None
         if dest.block_ids:
@@ -42,7 +44,7 @@ class PrefillServicer(WorkerServicerBase):
                 stream = await self.blocking(self.transport.open_send, dest.transport_endpoint, rid,
                                              list(dest.block_ids), self.config.kv_send_timeout_s)
             except TransportError as e:
-                await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")
+                raise WorkerError("ABORTED", f"KV handoff to {dest.worker_id} failed: {e}") from None
 
         def add(engine):
             engine.add_request(rid, tokens, params, prefill_only=True)
@@ -53,7 +55,7 @@ class PrefillServicer(WorkerServicerBase):
         first = None
         delivered = False
         try:
-            async for timed in self.run_request(rid, add, context):
+            async for timed in self.run_request(rid, add):
                 first = timed
             assert first is not None
             out = first.output
@@ -61,17 +63,17 @@ class PrefillServicer(WorkerServicerBase):
             handoff_ms = 0.0
             if out.finish_reason == FINISH_PREFILLED:
                 if len(dest.block_ids) == 0:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no KV destination blocks given")
+                    raise WorkerError("INVALID_ARGUMENT", "no KV destination blocks given")
                 src = out.kv_block_ids or []  # with the output: asking the engine would wait out its next step
                 if len(src) != len(dest.block_ids):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")
+                    raise WorkerError("INVALID_ARGUMENT",
+                                      f"destination has {len(dest.block_ids)} blocks, the prompt needs {len(src)}")
                 assert stream is not None  # opened for every destination with blocks
                 try:
                     delivered = True  # finish() ends the stream either way (without streaming: one send)
                     await self.blocking(stream.finish, src)
                 except TransportError as e:
-                    await context.abort(grpc.StatusCode.ABORTED, f"KV handoff to {dest.worker_id} failed: {e}")
+                    raise WorkerError("ABORTED", f"KV handoff to {dest.worker_id} failed: {e}") from None
                 handoff_ms = (time.perf_counter() - t_done) * 1e3  # what the prefill did not hide
         finally:
             if stream is not None and not delivered:  # cancelled, failed, or the first token ended it

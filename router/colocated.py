@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 from pdserve.v1 import generate_pb2 as pb
@@ -16,10 +15,11 @@ from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.registry import WorkerInfo
 from cluster.wire import sampling_to_proto
-from router.errors import RouterError
+from router.errors import RouterError, worker_error
 from router.orchestrator import Orchestrator, RequestRun
 from router.validation import ValidRequest
-from router.worker_stream import ms_since, next_chunk, relay, what
+from router.worker_sessions import RequestStream, WorkerSession
+from router.worker_stream import ms_since, relay, what
 
 ROLE = "colocated"
 
@@ -34,33 +34,42 @@ class ColocatedOrchestrator(Orchestrator):
         if not workers:
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no colocated workers are registered in cluster {cfg.cluster_name!r}")
-        req = wpb.WorkerGenerateRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling_to_proto(v.sampling))
+        req = wpb.WorkerGenerateRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling_to_proto(v.sampling),
+                                        router_id=self.sessions.router_id)
         t_call = time.perf_counter()
 
-        async def generate(info: WorkerInfo, step: str) -> tuple[Any, wpb.DecodeChunk]:
-            """Start the stream and read its first chunk (the first token): an unreachable worker shows here,
-            before the client has seen anything, so the next one can still be tried."""
-            call = self.channels.stub(info.address).Generate(req, timeout=time_remaining())
-            run.stream_call = call
+        async def generate(info: WorkerInfo, step: str) -> tuple[WorkerSession, RequestStream]:
+            """Attach and queue the request: an unreachable worker shows here, before the client has seen
+            anything, so the next one can still be tried."""
+            session = await self.sessions.get(info)
+            stream = session.open(rid)
             try:
-                return call, await next_chunk(call, self._timeout(cfg.prefill_timeout_s, time_remaining), step)
+                await self.channels.stub(info.address).Generate(
+                    req, timeout=self._timeout(cfg.prefill_timeout_s, time_remaining))
+            except grpc.aio.AioRpcError as err:
+                session.close(rid)
+                raise worker_error(err, step) from None
             except BaseException:
-                call.cancel()
+                session.close(rid)
                 raise
+            return session, stream
 
         # The worker's inflight count stays taken for the whole stream: decodes are load here too.
-        info, (call, first) = await self._place(v, workers, run, "generate", generate, keep_inflight=True)
+        info, (session, stream) = await self._place(v, workers, run, "generate", generate, keep_inflight=True)
         try:
-            pt = first.prefill
+            step = what("generate", info)
+            items = await stream.read(self._timeout(cfg.prefill_timeout_s, time_remaining), step)
+            first, prefill_ms = items[0]
             final = pb.Final(
-                usage=pb.Usage(prompt_tokens=len(v.token_ids), cached_prompt_tokens=pt.num_cached_tokens),
-                timing=pb.Timing(queue_ms=ms_since(t0, t_call) + pt.queue_ms, prefill_ms=pt.prefill_ms,
+                usage=pb.Usage(prompt_tokens=len(v.token_ids), cached_prompt_tokens=first.num_cached_tokens),
+                timing=pb.Timing(queue_ms=max(0.0, ms_since(t_call) - prefill_ms), prefill_ms=prefill_ms,
                                  kv_handoff_ms=0.0, ttft_ms=ms_since(t0), placement_ms=ms_since(t0, t_call)),
                 prefill_worker=info.worker_id, decode_worker=info.worker_id)
-            async for delta in relay(call, what("generate", info), first, final, cfg.decode_chunk_timeout_s):
+            async for delta in relay(stream, items, final, step, cfg.decode_chunk_timeout_s, 1):
                 yield pb.GenerateResponse(request_id=rid, delta=delta)
             run.finished = True
             final.timing.total_ms = ms_since(t0)
             yield pb.GenerateResponse(request_id=rid, final=final)
         finally:
+            session.close(rid)
             await self._quietly(self.registry.decr_inflight(info.worker_id))

@@ -29,7 +29,8 @@ from router.errors import RouterError, worker_error
 from router.model_info import ModelInfo
 from router.policy import PrefillPolicy
 from router.validation import ValidRequest, validate
-from router.worker_stream import ms_since, next_chunk, relay, what
+from router.worker_sessions import WorkerSessions
+from router.worker_stream import ms_since, relay, what
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +43,6 @@ class RequestRun:
 
     request_id: str
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
-    stream_call: Any = None  # the worker's token stream (Decode, or colocated Generate)
     finished: bool = False
 
 
@@ -65,6 +65,7 @@ class Orchestrator:
         self.registry = registry
         self.channels = channels
         self.policy = policy
+        self.sessions = WorkerSessions(channels)  # the workers' output streams to this router
         self._inflight: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -172,16 +173,23 @@ class Orchestrator:
     async def _decode(self, v: ValidRequest, dinfo: WorkerInfo, sampling: pb.SamplingParams, first_token: int,
                       run: RequestRun, final: pb.Final,
                       time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.Delta]:
-        """Stream the decode worker's chunks as deltas; fills `final`'s finish reason, usage and timing."""
-        call = self.channels.stub(dinfo.address).Decode(
-            wpb.DecodeRequest(request_id=v.request_id, token_ids=v.token_ids, first_token_id=first_token,
-                              sampling=sampling),
-            timeout=time_remaining())
-        run.stream_call = call
+        """Start the decode and relay its outputs as deltas; fills `final`'s finish reason, usage and timing."""
         step = what("decode", dinfo)
-        first = await next_chunk(call, self.config.decode_first_token_timeout_s, step)
-        async for delta in relay(call, step, first, final, self.config.decode_chunk_timeout_s):
-            yield delta
+        session = await self.sessions.get(dinfo)
+        stream = session.open(v.request_id)
+        try:
+            try:
+                await self.channels.stub(dinfo.address).Decode(
+                    wpb.DecodeRequest(request_id=v.request_id, token_ids=v.token_ids, first_token_id=first_token,
+                                      sampling=sampling, router_id=self.sessions.router_id),
+                    timeout=time_remaining())
+            except grpc.aio.AioRpcError as err:
+                raise worker_error(err, step) from None
+            items = await stream.read(self.config.decode_first_token_timeout_s, step)
+            async for delta in relay(stream, items, final, step, self.config.decode_chunk_timeout_s, 0):
+                yield delta
+        finally:
+            session.close(v.request_id)
 
     async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                        time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
@@ -278,9 +286,7 @@ class Orchestrator:
             log.warning("registry bookkeeping failed: %s", exc)
 
     async def _cleanup(self, run: RequestRun) -> None:
-        """Cancel the token stream and tell every worker involved to free the request (idempotent)."""
-        if run.stream_call is not None:
-            run.stream_call.cancel()
+        """Tell every worker involved to free the request (idempotent)."""
         req = wpb.CancelRequest(request_id=run.request_id)
 
         async def cancel(info: WorkerInfo) -> None:
@@ -298,3 +304,4 @@ class Orchestrator:
             for task in stuck:  # a stuck worker must not hold the shutdown; leases and counters expire anyway
                 task.cancel()
                 log.warning("shutdown: a cleanup did not finish in time; cancelled")
+        await self.sessions.close()

@@ -1,19 +1,24 @@
-"""Reading a worker's token stream (Decode, or colocated Generate) and relaying it to the client as deltas;
-shared by the disaggregated and the colocated flow, so both send the same messages."""
+"""Relaying one request's outputs (from its worker's Attach stream, `router.worker_sessions`) to the client as
+deltas; shared by the disaggregated and the colocated flow, so both send the same messages.
+
+Outputs that arrived while the client was still taking the previous delta go out as one delta: a client
+that reads slower than the engine steps gets fewer, larger messages, and loses nothing.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from pdserve.v1 import generate_pb2 as pb
-from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.registry import WorkerInfo
-from router.errors import RouterError, worker_error
+from router.errors import RouterError
+from router.worker_sessions import Output, RequestStream
+
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
 
 
 def what(step: str, info: WorkerInfo) -> str:
@@ -26,31 +31,29 @@ def ms_since(t0: float, t1: float | None = None) -> float:
     return ((t1 if t1 is not None else time.perf_counter()) - t0) * 1000.0
 
 
-async def next_chunk(call: Any, limit: float, step: str) -> wpb.DecodeChunk:
-    """The next chunk of a worker's token stream; RouterError if none comes within `limit` seconds, the worker
-    fails, or the stream ends before a finish reason. `step` names it in errors (see `what`)."""
-    try:
-        chunk = await asyncio.wait_for(call.read(), limit)
-    except TimeoutError:
-        raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{step}: no tokens for {limit:g}s") from None
-    except grpc.aio.AioRpcError as err:
-        raise worker_error(err, step) from None
-    if chunk is grpc.aio.EOF:
-        raise RouterError(grpc.StatusCode.ABORTED, f"{step}: stream ended without a finish reason")
-    return chunk
-
-
-async def relay(call: Any, step: str, chunk: wpb.DecodeChunk, final: pb.Final,
-                chunk_timeout_s: float) -> AsyncIterator[pb.Delta]:
-    """Relay a token stream from `chunk` (already read) to its finish reason as deltas; counts the tokens into
-    `final.usage` and takes the finish reason and the first decode step's time (from the chunk that has it)."""
+async def relay(stream: RequestStream, items: list[Output], final: pb.Final, step: str, chunk_timeout_s: float,
+                first_step_index: int) -> AsyncIterator[pb.Delta]:
+    """Relay a request's outputs from `items` (already read) to its finish reason as deltas; counts the tokens
+    into `final.usage`, takes the finish reason, and the step time of output number `first_step_index` (the
+    request's first decode step) as `final.timing.first_decode_step_ms`. `step` names the worker in errors."""
+    index = 0
     while True:
-        final.usage.completion_tokens += len(chunk.token_ids)
-        final.finish_reason = chunk.finish_reason
-        if chunk.first_step_ms:
-            final.timing.first_decode_step_ms = chunk.first_step_ms
-        if chunk.token_ids or chunk.text:
-            yield pb.Delta(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs)
+        delta = pb.Delta()
+        for out, step_ms in items:
+            if index == first_step_index:
+                final.timing.first_decode_step_ms = step_ms
+            index += 1
+            if out.finish_reason == FINISH_ABORT:
+                raise RouterError(grpc.StatusCode.ABORTED, f"{step} was cancelled by the worker")
+            if out.finish_reason == FINISH_ERROR:
+                raise RouterError(grpc.StatusCode.INTERNAL, f"{step} failed: {out.error}")
+            delta.token_ids.extend(out.token_ids)
+            delta.text += out.text
+            delta.logprobs.extend(out.logprobs)
+            final.finish_reason = out.finish_reason
+        final.usage.completion_tokens += len(delta.token_ids)
+        if delta.token_ids or delta.text:
+            yield delta
         if final.finish_reason:
             return
-        chunk = await next_chunk(call, chunk_timeout_s, step)
+        items = await stream.read(chunk_timeout_s, step)

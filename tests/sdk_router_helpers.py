@@ -7,6 +7,7 @@ router in a background event loop against them and a real redis-server, under a 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,8 @@ BLOCK = 4
 
 
 class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
-    """A scripted worker: decode streams `tokens` one per chunk (after `delay_s` each)."""
+    """A scripted worker: decode sends `tokens` one per engine step (after `delay_s` each) on the router's
+    Attach stream, like a real worker."""
 
     def __init__(self, role: str, *, reserve_code: grpc.StatusCode | None = None,
                  prefill_code: grpc.StatusCode | None = None, tokens: tuple[int, ...] = (5, 6, 7),
@@ -36,6 +38,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.tokens, self.delay_s = tokens, delay_s
         self.calls: list[tuple[str, str]] = []
         self.cancels: list[str] = []
+        self.routers: dict[str, queue.SimpleQueue[wpb.EngineStep | None]] = {}
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -61,16 +64,39 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
             reply.finish_reason, reply.text = "length", "w4"
         return reply
 
-    def Decode(self, req: wpb.DecodeRequest, ctx: grpc.ServicerContext) -> Iterator[wpb.DecodeChunk]:
+    def Attach(self, req: wpb.AttachRequest, ctx: grpc.ServicerContext) -> Iterator[wpb.OutputBatch]:
+        q = self.routers[req.router_id] = queue.SimpleQueue()
+        yield wpb.OutputBatch()  # attached
+        while ctx.is_active():
+            try:
+                step = q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            yield wpb.OutputBatch(steps=[step])
+
+    def run(self, router_id: str, request_id: str, outputs: list[wpb.RequestOutput],
+            step_ms: tuple[float, ...] = (0.5,)) -> None:
+        """Send `outputs` one per step on the router's stream, `delay_s` apart, until the request is cancelled;
+        step i took `step_ms[i]` (0.1 past the end)."""
+        def steps() -> None:
+            for i, out in enumerate(outputs):
+                time.sleep(self.delay_s)
+                if request_id in self.cancels:
+                    return
+                out.request_id = request_id
+                ms = step_ms[i] if i < len(step_ms) else 0.1
+                self.routers[router_id].put(wpb.EngineStep(step_ms=ms, outputs=[out]))
+
+        threading.Thread(target=steps, daemon=True).start()
+
+    def Decode(self, req: wpb.DecodeRequest, ctx: grpc.ServicerContext) -> wpb.DecodeReply:
         self.calls.append(("Decode", req.request_id))
         n = min(len(self.tokens), req.sampling.max_tokens - 1)
-        for i, t in enumerate(self.tokens[:n]):
-            time.sleep(self.delay_s)
-            if not ctx.is_active():
-                return
-            text = (f"w{req.first_token_id}" if i == 0 else "") + f" w{t}"
-            yield wpb.DecodeChunk(token_ids=[t], text=text, first_step_ms=0.5 if i == 0 else 0.0,
-                                  finish_reason="length" if i == n - 1 else "")
+        self.run(req.router_id, req.request_id, [
+            wpb.RequestOutput(token_ids=[t], text=(f"w{req.first_token_id}" if i == 0 else "") + f" w{t}",
+                              finish_reason="length" if i == n - 1 else "")
+            for i, t in enumerate(self.tokens[:n])])
+        return wpb.DecodeReply(kv_wait_ms=0.1)
 
     def Cancel(self, req: wpb.CancelRequest, ctx: grpc.ServicerContext) -> wpb.CancelReply:
         self.cancels.append(req.request_id)

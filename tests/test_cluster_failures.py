@@ -212,12 +212,12 @@ def test_reservation_whose_kv_never_arrives_is_freed_at_lease_expiry(harness):
         wait_reserved(0)
         assert time.monotonic() - t0 >= 0.7  # held for its lease, then freed
         with pytest.raises(grpc.RpcError) as exc:
-            next(iter(stub.Decode(wpb.DecodeRequest(request_id="lease-1", token_ids=prompt(100, 6)), timeout=5)))
+            stub.Decode(wpb.DecodeRequest(request_id="lease-1", token_ids=prompt(100, 6)), timeout=5)
         assert exc.value.code() == Code.NOT_FOUND
         # 2. Decode starts but the KV never comes: it gives up at the lease and frees the blocks.
         stub.Reserve(wpb.ReserveRequest(request_id="lease-2", num_tokens=100, lease_ms=800), timeout=5)
         with pytest.raises(grpc.RpcError) as exc:
-            next(iter(stub.Decode(wpb.DecodeRequest(request_id="lease-2", token_ids=prompt(100, 6)), timeout=10)))
+            stub.Decode(wpb.DecodeRequest(request_id="lease-2", token_ids=prompt(100, 6)), timeout=10)
         assert exc.value.code() == Code.DEADLINE_EXCEEDED and "did not arrive" in exc.value.details()
         wait_reserved(0)
     harness.wait_all_blocks_free()

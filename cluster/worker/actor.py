@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 
@@ -10,10 +11,17 @@ from cluster.worker.config import WorkerConfig
 from cluster.worker.server import WorkerServer
 
 
-class WorkerActor:
-    """Async Ray actor: its event loop runs the worker's gRPC server; the engine has its own thread."""
+def load_servicer(path: str) -> type:
+    """The servicer class named "package.module:Class" (a role's; see `cluster.launcher.ROLE_SERVICERS`)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-    def __init__(self, config: WorkerConfig) -> None:
+
+class WorkerActor:
+    """Async Ray actor, the worker's engine process: its event loop runs the role's servicer, the engine has its
+    own thread, and the gRPC front end its own process. `servicer` names the role's servicer class."""
+
+    def __init__(self, config: WorkerConfig, servicer: str) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if config.engine.device == "cuda" and os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
             import ray
@@ -26,7 +34,7 @@ class WorkerActor:
             import torch
 
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.server = WorkerServer(config)
+        self.server = WorkerServer(config, load_servicer(servicer))
 
     async def start(self) -> dict[str, str]:
         address = await self.server.start()

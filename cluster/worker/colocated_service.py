@@ -3,42 +3,27 @@ with running decodes; no KV moves between workers). The baseline that disaggrega
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-
-import grpc
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine import LLMEngine
 from cluster.wire import sampling_from_proto
-from cluster.worker.service_base import WorkerServicerBase, chunk_from_output
+from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
 
 class ColocatedServicer(WorkerServicerBase):
-    async def Generate(self, request: wpb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[wpb.DecodeChunk]:
-        """Stream the request's tokens from the first one on. The first chunk carries the prefill timing
-        (queue: submit -> the step that sampled the first token; prefill: that step), the second the
-        request's first decode step as `first_step_ms`, like a decode worker's first chunk."""
+    async def Generate(self, request: wpb.WorkerGenerateRequest) -> wpb.WorkerGenerateReply:
+        """Queue the request; its tokens, from the first one on, go to the router's stream (the first output's
+        step is the prefill, its `num_cached_tokens` the prompt's cached part)."""
         rid = request.request_id
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise WorkerError("INVALID_ARGUMENT", str(e)) from None
+        self.check_queue()
         tokens = list(request.token_ids)
 
         def add(engine: LLMEngine) -> None:
             engine.add_request(rid, tokens, params)
 
-        t_submit = time.perf_counter()
-        n = 0
-        async for timed in self.run_request(rid, add, context):
-            out, step_ms = timed.output, (time.perf_counter() - timed.step_started) * 1e3
-            chunk = chunk_from_output(out)
-            if n == 0:
-                chunk.prefill.CopyFrom(wpb.PrefillTiming(queue_ms=(timed.step_started - t_submit) * 1e3,
-                                                         prefill_ms=step_ms, num_cached_tokens=out.num_cached_tokens))
-            elif n == 1:
-                chunk.first_step_ms = step_ms
-            n += 1
-            yield chunk
+        await self.start_routed(rid, request.router_id, add)
+        return wpb.WorkerGenerateReply()

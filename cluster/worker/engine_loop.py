@@ -1,11 +1,14 @@
-"""Runs an `LLMEngine` on its own thread, so gRPC handlers never block on a forward pass.
+"""Runs an `LLMEngine` on its own thread, so no handler ever blocks on a forward pass.
 
-Other threads (or asyncio code) hand the engine thread work with `call(fn)` (run between steps) and
-receive per-request outputs through a callback registered with `watch`. The engine is only touched by
-its own thread, except for its thread-safe `reserve`/`release_reservation`: calls run holding the
-engine's `state_lock`, so they never interleave with a reservation made from another thread (`reserve`).
-`stats` is refreshed after every call, step and reservation (before their results are delivered), and
-`on_blocks_freed` (if set) is called by the thread that saw KV blocks go back to the pool.
+Other threads (or asyncio code) hand the engine thread work with `call(fn)` (run between steps). Outputs
+leave in two ways: a request `watch`ed in this process gets each output through its callback (a prefill
+worker waits for its first token so); a request `route`d to a router has its outputs packed, with every
+other routed output of the same step, into one `StepBatch` per step, handed to `on_step` (the worker's
+link to its gRPC front end, another process). The engine is only touched by its own thread, except for its
+thread-safe `reserve`/`release_reservation`: calls run holding the engine's `state_lock`, so they never
+interleave with a reservation made from another thread (`reserve`). `stats` is refreshed after every call,
+step and reservation (before their results are delivered), and `on_blocks_freed` (if set) is called by the
+thread that saw KV blocks go back to the pool.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -28,6 +32,29 @@ from cluster.engine.outputs import FINISH_ABORT
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OutputCallback = Callable[[StepOutput | BaseException, float], None]  # (output or error, step start time)
+# A routed output, plain values only (it crosses a process boundary with `marshal`):
+# (request_id, token_ids, text, logprobs or None, finish_reason ("" until the end), cached prompt tokens, error)
+# where logprobs is [(token_id, logprob, [(top token, logprob), ...best first]), ...].
+RoutedOutput = tuple[str, list[int], str, list | None, str, int, str]
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One engine step's routed outputs: `outputs[router_id]` in step order; `step_ms` the step's time."""
+
+    step_ms: float
+    outputs: dict[str, list[RoutedOutput]]
+
+
+def routed(out: StepOutput, error: str = "") -> RoutedOutput:
+    """An engine output as a routed output (see `RoutedOutput`)."""
+    lps = None
+    if out.logprobs:
+        lps = [(t, lp[t], sorted(lp.items(), key=lambda x: -x[1])) for t, lp in zip(out.new_token_ids, out.logprobs,
+                                                                                   strict=True)]
+    return (out.request_id, out.new_token_ids, out.text_delta, lps, out.finish_reason or "", out.num_cached_tokens,
+            error)
 
 
 class EngineLoop:
@@ -35,6 +62,8 @@ class EngineLoop:
         self.engine = engine
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future]] = queue.SimpleQueue()
         self._watchers: dict[str, OutputCallback] = {}
+        self._routes: dict[str, str] = {}  # request id -> router id
+        self.on_step: Callable[[StepBatch], None] | None = None
         self._stop = threading.Event()
         self.stats: EngineStats = engine.stats()
         self.on_blocks_freed: Callable[[], None] | None = None
@@ -57,17 +86,36 @@ class EngineLoop:
         """Deliver the request's outputs to `callback` (on the engine thread) until one is finished."""
         self._watchers[request_id] = callback
 
-    def abort(self, request_id: str) -> Future[bool]:
-        """Abort the request in the engine; a watcher gets a final output with finish reason "abort"."""
+    def route(self, request_id: str, router_id: str) -> None:
+        """Send the request's outputs to `router_id` in the step batches (engine thread: call it from `call`)."""
+        self._routes[request_id] = router_id
 
-        def do_abort(engine: LLMEngine) -> bool:
-            found = engine.abort(request_id)
-            cb = self._watchers.pop(request_id, None)
-            if cb is not None:
-                cb(StepOutput(request_id, [], "", True, FINISH_ABORT), time.perf_counter())
-            return found
+    def abort(self, request_id: str) -> Future[bool]:
+        """Abort the request in the engine; its watcher or router gets a final output with finish reason
+        "abort"."""
+        return self.call(lambda engine: self._abort(engine, request_id))
+
+    def abort_router(self, router_id: str) -> Future[int]:
+        """Abort every request routed to `router_id` (its stream is gone); returns how many."""
+
+        def do_abort(engine: LLMEngine) -> int:
+            rids = [rid for rid, r in self._routes.items() if r == router_id]
+            for rid in rids:
+                self._abort(engine, rid)
+            return len(rids)
 
         return self.call(do_abort)
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+        found = engine.abort(request_id)
+        out = StepOutput(request_id, [], "", True, FINISH_ABORT)
+        cb = self._watchers.pop(request_id, None)
+        if cb is not None:
+            cb(out, time.perf_counter())
+        router = self._routes.pop(request_id, None)
+        if router is not None and self.on_step is not None:
+            self.on_step(StepBatch(0.0, {router: [routed(out)]}))
+        return found
 
     def stop(self) -> None:
         self._stop.set()
@@ -119,13 +167,28 @@ class EngineLoop:
             # Not `not outputs`: a step of prompt chunks yields none, and waiting 50 ms for calls after each
             # chunk made a chunked prefill on an otherwise idle worker ~10x slower.
             idle = self.engine.last_step_tokens == 0
-            for out in outputs:
-                cb = self._watchers.get(out.request_id)
-                if cb is not None:
-                    if out.finished:
-                        del self._watchers[out.request_id]
-                    cb(out, started)
+            if outputs:
+                self._deliver(outputs, started)
         self._fail_all(RuntimeError("engine loop stopped"))
+
+    def _deliver(self, outputs: list[StepOutput], started: float) -> None:
+        """Each output to its watcher; the routed ones packed into one batch for `on_step`."""
+        batch: dict[str, list[RoutedOutput]] = {}
+        for out in outputs:
+            rid = out.request_id
+            cb = self._watchers.get(rid)
+            if cb is not None:
+                if out.finished:
+                    del self._watchers[rid]
+                cb(out, started)
+                continue
+            router = self._routes.get(rid)
+            if router is not None:
+                if out.finished:
+                    del self._routes[rid]
+                batch.setdefault(router, []).append(routed(out))
+        if batch and self.on_step is not None:
+            self.on_step(StepBatch((time.perf_counter() - started) * 1e3, batch))
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """`LLMEngine.reserve` from any thread, without waiting for the current step; `stats` show it at once."""
@@ -148,6 +211,14 @@ class EngineLoop:
         for rid, cb in watchers.items():
             self.engine.abort(rid)
             cb(error, time.perf_counter())
+        routes, self._routes = self._routes, {}
+        batch: dict[str, list[RoutedOutput]] = {}
+        for rid, router in routes.items():
+            self.engine.abort(rid)
+            out = StepOutput(rid, [], "", True, FINISH_ERROR)
+            batch.setdefault(router, []).append(routed(out, f"engine failed: {error}"))
+        if batch and self.on_step is not None:
+            self.on_step(StepBatch(0.0, batch))
 
 
 def output_queue(loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Queue, OutputCallback]:

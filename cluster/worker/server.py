@@ -1,8 +1,10 @@
-"""A running worker: engine thread + KV transport (not colocated) + internal gRPC service + registry heartbeat.
+"""A running worker: engine thread + the role's servicer (and its KV transport) + the gRPC front end (its own
+process) + registry heartbeat.
 
-`WorkerServer.start()` loads the model, listens, registers in Redis and heartbeats its load;
+`WorkerServer.start()` loads the model, starts the front end, registers in Redis and heartbeats its load;
 `drain()` deregisters (routers stop placing requests here) and waits for running requests to finish;
-`stop()` tears everything down. Every role uses it; the role decides the servicer.
+`stop()` tears everything down. Every role uses it; it is given the role's servicer class and never imports
+the roles.
 """
 
 from __future__ import annotations
@@ -15,15 +17,12 @@ import socket
 import sys
 import uuid
 
-import grpc
-from pdserve.v1 import worker_pb2_grpc as wpb_grpc
-
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
 from cluster.registry import AsyncRegistry, WorkerInfo, WorkerLoad
-from cluster.transport import KVTransport, create_transport
-from cluster.worker.config import WorkerConfig
+from cluster.worker.config import NO_TRANSPORT, WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.frontend_link import FrontendLink
 from cluster.worker.service_base import WorkerServicerBase
 
 log = logging.getLogger(__name__)
@@ -31,14 +30,14 @@ _MIN_BEAT_GAP_S = 0.02  # early heartbeats (KV blocks freed) at most this often
 
 
 class WorkerServer:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, servicer_cls: type[WorkerServicerBase]) -> None:
         self.config = config
+        self.servicer_cls = servicer_cls
         self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.address = ""
         self.loop: EngineLoop | None = None
-        self.transport: KVTransport | None = None
         self.servicer: WorkerServicerBase | None = None
-        self._server: grpc.aio.Server | None = None
+        self._frontend: FrontendLink | None = None
         self._registry: AsyncRegistry | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._blocks_freed = asyncio.Event()
@@ -50,17 +49,16 @@ class WorkerServer:
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)  # the whole process: one worker per process
         engine = await asyncio.to_thread(LLMEngine, self._engine_config())
         self.loop = EngineLoop(engine)
-        self.servicer, endpoint = await self._make_servicer(engine, self.loop)
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-        wpb_grpc.add_WorkerServiceServicer_to_server(self.servicer, self._server)
-        port = self._server.add_insecure_port(f"{cfg.host}:0")
-        await self._server.start()
+        self.servicer = await self.servicer_cls.create(cfg, self.worker_id, self.loop)
+        self._frontend = FrontendLink(self.servicer, self.loop, cfg.host)
+        port = await self._frontend.start()
         self.address = f"{cfg.host}:{port}"
         stats = self.loop.stats
-        transport = self.transport.name if self.transport is not None else cfg.transport  # colocated: "none"
+        transport = self.servicer.transport
         self._info = WorkerInfo(
             worker_id=self.worker_id, role=cfg.role, address=self.address, model=cfg.engine.model,
-            transport=transport, transport_endpoint=endpoint, host_id=socket.gethostname(),
+            transport=transport.name if transport is not None else NO_TRANSPORT,
+            transport_endpoint=self.servicer.endpoint, host_id=socket.gethostname(),
             total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size)
         self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name)
         await self._registry.register(self._info, self._ttl, self._load())
@@ -77,23 +75,6 @@ class WorkerServer:
         if self.config.role == "decode":
             return dataclasses.replace(self.config.engine, enable_prefix_caching=False)
         return self.config.engine
-
-    async def _make_servicer(self, engine: LLMEngine, loop: EngineLoop) -> tuple[WorkerServicerBase, str]:
-        """The role's servicer (and its KV transport, if the role moves KV) and the transport's endpoint."""
-        cfg = self.config
-        if cfg.role == "colocated":
-            from cluster.worker.colocated_service import ColocatedServicer
-
-            return ColocatedServicer(cfg, self.worker_id, loop), ""
-        self.transport = create_transport(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host)
-        if cfg.role == "decode":
-            from decode_worker.service import DecodeServicer
-
-            endpoint = await asyncio.to_thread(self.transport.listen)
-            return DecodeServicer(cfg, self.worker_id, loop, self.transport, endpoint), endpoint
-        from prefill_worker.service import PrefillServicer
-
-        return PrefillServicer(cfg, self.worker_id, loop, self.transport), ""
 
     @property
     def _ttl(self) -> float:
@@ -137,18 +118,16 @@ class WorkerServer:
                 break
             await asyncio.sleep(0.05)
 
-    async def stop(self, grace_s: float = 1.0) -> None:
+    async def stop(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self._server is not None:
-            await self._server.stop(grace_s)
         if self._registry is not None:
             with contextlib.suppress(Exception):
                 await self._registry.deregister(self.worker_id)
             await self._registry.aclose()
+        if self._frontend is not None:
+            await asyncio.to_thread(self._frontend.stop)
         if self.servicer is not None:
             self.servicer.close()
-        if self.transport is not None:
-            self.transport.close()
         if self.loop is not None:
             self.loop.stop()

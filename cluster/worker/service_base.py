@@ -1,4 +1,10 @@
-"""What every worker's `WorkerService` answers the same way: stats, cancel, and the plumbing of every role."""
+"""What every role's servicer shares: RPC dispatch, stats, cancel, and the plumbing of every role.
+
+A role's servicer lives in the engine process and answers the `WorkerService` RPCs that its gRPC front end
+(`cluster.worker.frontend`, another process) passes on: one coroutine method per RPC, named like it, taking
+the request message and returning the reply, or raising `WorkerError` with the status to answer. Tokens of a
+running request do not go through RPC replies: they are routed to the router's stream (`EngineLoop.route`).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
+from google.protobuf.message import DecodeError, Message
 from pdserve.v1 import worker_pb2 as wpb
-from pdserve.v1 import worker_pb2_grpc as wpb_grpc
 
 from cluster.engine import LLMEngine, StepOutput
 from cluster.engine.outputs import FINISH_ABORT
-from cluster.wire import logprobs_to_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop, output_queue
 
 T = TypeVar("T")
+_REQUESTS: dict[str, type[Message]] = {
+    m.name: getattr(wpb, m.input_type.name) for m in wpb.DESCRIPTOR.services_by_name["WorkerService"].methods}
+
+
+class WorkerError(Exception):
+    """The status an RPC answers with: `code` is a grpc.StatusCode name, e.g. "RESOURCE_EXHAUSTED"."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
 
 
 @dataclass
@@ -29,17 +43,12 @@ class Timed:
     step_started: float
 
 
-def chunk_from_output(out: StepOutput) -> wpb.DecodeChunk:
-    """One engine output as a stream chunk: its new tokens, text, logprobs and (last one) finish reason."""
-    chunk = wpb.DecodeChunk(token_ids=out.new_token_ids, text=out.text_delta, finish_reason=out.finish_reason or "")
-    if out.logprobs:
-        chunk.logprobs.extend(logprobs_to_proto(t, lp) for t, lp in zip(out.new_token_ids, out.logprobs, strict=True))
-    return chunk
+class WorkerServicerBase:
+    """Shared parts; the role modules add Prefill, Reserve/Decode or Generate. RPCs a role does not define
+    answer UNIMPLEMENTED. `transport` / `endpoint`: the KV transport the role moves KV with (None, "" if none)."""
 
-
-class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
-    """Shared parts; the role modules add Prefill, Reserve/Decode or Generate. Unimplemented RPCs answer
-    UNIMPLEMENTED."""
+    transport: Any = None
+    endpoint: str = ""
 
     def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> None:
         self.config = config
@@ -50,9 +59,28 @@ class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
         self._blocking_pool = ThreadPoolExecutor(max_workers=max(32, config.max_queue),
                                                  thread_name_prefix=f"{config.role}-kv")
 
+    @classmethod
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> WorkerServicerBase:
+        """The role's servicer for a loaded engine (roles that move KV open their transport here)."""
+        return cls(config, worker_id, loop)
+
+    async def handle(self, method: str, request: bytes) -> bytes:
+        """Answer one RPC: the request's bytes in, the reply's bytes out (or WorkerError)."""
+        fn = getattr(self, method, None)
+        if method not in _REQUESTS or fn is None:
+            raise WorkerError("UNIMPLEMENTED", f"a {self.config.role} worker does not serve {method}")
+        try:
+            msg = _REQUESTS[method].FromString(request)
+        except DecodeError as e:
+            raise WorkerError("INVALID_ARGUMENT", f"{method}: undecodable request: {e}") from None
+        reply = await fn(msg)
+        return reply.SerializeToString()
+
     def close(self) -> None:
-        """Stop the blocking-call threads (pending calls are cancelled)."""
+        """Stop the blocking-call threads (pending calls are cancelled) and the transport."""
         self._blocking_pool.shutdown(wait=False, cancel_futures=True)
+        if self.transport is not None:
+            self.transport.close()
 
     def submit_blocking(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run a blocking call in the background, nobody waiting for it (e.g. aborting a KV stream)."""
@@ -67,11 +95,10 @@ class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
         s = self.loop.stats
         return s.num_waiting, s.num_running, s.num_free_blocks, s.num_reserved_blocks
 
-    async def Cancel(self, request: wpb.CancelRequest, context: grpc.aio.ServicerContext) -> wpb.CancelReply:
-        found = await asyncio.wrap_future(self.loop.abort(request.request_id))
-        return wpb.CancelReply(found=found)
+    async def Cancel(self, request: wpb.CancelRequest) -> wpb.CancelReply:
+        return wpb.CancelReply(found=await asyncio.wrap_future(self.loop.abort(request.request_id)))
 
-    async def GetStats(self, request: wpb.StatsRequest, context: grpc.aio.ServicerContext) -> wpb.WorkerStats:
+    async def GetStats(self, request: wpb.StatsRequest) -> wpb.WorkerStats:
         s = self.loop.stats
         return wpb.WorkerStats(
             worker_id=self.worker_id, role=self.config.role, num_waiting=s.num_waiting,
@@ -79,19 +106,34 @@ class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
             reserved_kv_blocks=s.num_reserved_blocks, num_prefix_cached_blocks=s.num_prefix_cached_blocks,
             block_size=self.config.engine.block_size)
 
-    async def run_request(self, request_id: str, add: Callable[[LLMEngine], None], context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[Timed]:
-        """Submit a request to the engine (`add(engine)`) and yield its outputs until it finishes.
-
-        Aborts the request in the engine if the caller stops early (client cancel, deadline, error).
-        Bad requests answer INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED.
-        """
+    def check_queue(self) -> None:
         if self.loop.stats.num_waiting >= self.config.max_queue:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"worker {self.worker_id} queue is full ({self.config.max_queue} waiting)")
+            raise WorkerError("RESOURCE_EXHAUSTED",
+                              f"worker {self.worker_id} queue is full ({self.config.max_queue} waiting)")
+
+    async def start_routed(self, request_id: str, router_id: str, add: Callable[[LLMEngine], None]) -> None:
+        """Submit a request (`add(engine)`) whose outputs go to `router_id`'s stream. INVALID_ARGUMENT for a
+        request the engine refuses, FAILED_PRECONDITION without a router."""
+        if not router_id:
+            raise WorkerError("FAILED_PRECONDITION", "router_id must name the caller's Attach stream")
+
+        def submit(engine: LLMEngine) -> None:
+            add(engine)
+            self.loop.route(request_id, router_id)
+
+        try:
+            await self.loop.acall(submit)
+        except ValueError as e:
+            raise WorkerError("INVALID_ARGUMENT", str(e)) from None
+
+    async def run_request(self, request_id: str, add: Callable[[LLMEngine], None]) -> AsyncIterator[Timed]:
+        """Submit a request whose outputs this process consumes (`add(engine)`) and yield them until it
+        finishes. Aborts the request in the engine if the caller stops early (cancel, error). Bad requests
+        answer INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED."""
+        self.check_queue()
         q, callback = output_queue(asyncio.get_running_loop())
 
-        def submit(engine):
+        def submit(engine: LLMEngine) -> None:
             add(engine)
             self.loop.watch(request_id, callback)
 
@@ -100,18 +142,17 @@ class WorkerServicerBase(wpb_grpc.WorkerServiceServicer):
             try:
                 await self.loop.acall(submit)
             except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                raise WorkerError("INVALID_ARGUMENT", str(e)) from None
             while True:
                 item, started = await q.get()
                 if isinstance(item, BaseException):
-                    await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {item}")
+                    raise WorkerError("INTERNAL", f"engine failed: {item}")
                 finished = item.finished
                 if item.finish_reason == FINISH_ABORT:
-                    await context.abort(grpc.StatusCode.CANCELLED, f"request {request_id} was cancelled")
+                    raise WorkerError("CANCELLED", f"request {request_id} was cancelled")
                 yield Timed(item, started)
                 if finished:
                     return
         finally:
             if not finished:
                 self.loop.abort(request_id)
-

@@ -44,15 +44,20 @@ class WorkerServiceStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.PrefillReply.FromString,
                 _registered_method=True)
-        self.Decode = channel.unary_stream(
+        self.Decode = channel.unary_unary(
                 '/pdserve.v1.WorkerService/Decode',
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeReply.FromString,
                 _registered_method=True)
-        self.Generate = channel.unary_stream(
+        self.Generate = channel.unary_unary(
                 '/pdserve.v1.WorkerService/Generate',
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerGenerateReply.FromString,
+                _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/pdserve.v1.WorkerService/Attach',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.OutputBatch.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/pdserve.v1.WorkerService/Cancel',
@@ -86,7 +91,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Decode(self, request, context):
-        """Decode role: wait for the KV (bounded by the lease), join the running batch, stream tokens.
+        """Decode role: wait for the KV (bounded by the lease) and join the running batch; replies once the
+        request runs. Its tokens come on the caller's Attach stream (router_id).
         DEADLINE_EXCEEDED if the KV did not arrive within the lease; NOT_FOUND if there is no reservation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -94,9 +100,19 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Colocated role: prefill and decode the request in this worker's own engine (no KV moves), streaming
-        tokens; the first chunk carries the first token and the prefill timing. RESOURCE_EXHAUSTED if the
-        worker's queue is full, INVALID_ARGUMENT for a request the engine refuses.
+        """Colocated role: queue the request in this worker's own engine (prefill and decode, no KV moves);
+        replies once it is queued, its tokens (from the first one on) come on the caller's Attach stream.
+        RESOURCE_EXHAUSTED if the worker's queue is full, INVALID_ARGUMENT for a request the engine refuses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Decode and colocated roles: one long-lived stream per router. Every engine step's new tokens of all the
+        requests this router holds here travel in one message (several steps when the router reads slower than
+        the engine steps). The first message is empty: the stream is attached. When the stream ends, the
+        worker aborts the requests it carried.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,15 +145,20 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.PrefillReply.SerializeToString,
             ),
-            'Decode': grpc.unary_stream_rpc_method_handler(
+            'Decode': grpc.unary_unary_rpc_method_handler(
                     servicer.Decode,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeReply.SerializeToString,
             ),
-            'Generate': grpc.unary_stream_rpc_method_handler(
+            'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.WorkerGenerateReply.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.AttachRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.OutputBatch.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -225,12 +246,12 @@ class WorkerService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/pdserve.v1.WorkerService/Decode',
             pdserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-            pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+            pdserve_dot_v1_dot_worker__pb2.DecodeReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,12 +273,39 @@ class WorkerService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/pdserve.v1.WorkerService/Generate',
             pdserve_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
-            pdserve_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+            pdserve_dot_v1_dot_worker__pb2.WorkerGenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.WorkerService/Attach',
+            pdserve_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.OutputBatch.FromString,
             options,
             channel_credentials,
             insecure,
