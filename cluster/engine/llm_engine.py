@@ -1,6 +1,7 @@
 """The stepping engine: requests in, one scheduled forward per `step()`, token deltas out.
 
-Besides plain generation it offers the split that disaggregation needs:
+Besides plain generation it offers the split that disaggregation needs (the blocks in between are kept by
+its `KVHandoff`, `kv_handoff.py`):
 - prefill role: `add_request(..., prefill_only=True)` computes the prompt's KV and first token and keeps
   the blocks (`prefilled_blocks`) until `release_prefilled` after the KV has been sent;
 - decode role: `reserve` blocks for KV that will arrive, then `add_prefilled_request` to decode from it.
@@ -10,29 +11,23 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.kv_handoff import KVHandoff, LayerSink
 from cluster.engine.kv_layout import KVLayout
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.models.loader import build_model, read_model_spec
 from cluster.engine.output_processor import OutputProcessor
-from cluster.engine.outputs import FINISH_ABORT, FINISH_PREFILLED, StepOutput
-from cluster.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
+from cluster.engine.outputs import FINISH_ABORT, StepOutput
+from cluster.engine.scheduler import Scheduler, SchedulerLimits
 from cluster.engine.sequence import Sequence
 from cluster.sampling_params import SamplingParams
 from cluster.tokenizer import TextTokenizer
-
-
-class LayerSink(Protocol):
-    """Receives a prefill's KV layer by layer (a KV transport's send stream)."""
-
-    def layers_ready(self, src_block_ids: list[int], upto: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -77,9 +72,7 @@ class LLMEngine:
                                           is not None else ())
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
-        self._prefilled: dict[str, Sequence] = {}
-        self._reservations: dict[str, list[int]] = {}
-        self._kv_sinks: dict[str, LayerSink] = {}
+        self.handoff = KVHandoff(self.block_manager)
         self._seed_rng = random.Random(config.seed)
         # Block accounting may be touched from another thread through reserve()/release_reservation() (a
         # decode worker reserves without waiting out a step): step() holds this while it schedules and while
@@ -103,7 +96,7 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------------
     def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
                       prefill_only: bool) -> Sequence:
-        if request_id in self._seqs or request_id in self._prefilled or request_id in self._reservations:
+        if request_id in self._seqs or self.handoff.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         if not token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -127,14 +120,14 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. Returns False if the id is unknown."""
-        found = self.release_prefilled(request_id) | self.release_reservation(request_id)
-        self._kv_sinks.pop(request_id, None)
-        seq = self._seqs.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.remove(seq)
-            seq.finish_reason = FINISH_ABORT
-            found = True
-        return found
+        with self.state_lock:
+            found = self.handoff.abort(request_id)
+            seq = self._seqs.pop(request_id, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                seq.finish_reason = FINISH_ABORT
+                found = True
+            return found
 
     # ---- prefill role ------------------------------------------------------------------------------
     def stream_kv(self, request_id: str, sink: LayerSink) -> None:
@@ -143,60 +136,43 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         if seq is None or not seq.prefill_only:
             raise ValueError(f"no prefill-only request {request_id!r} to stream KV from")
-        self._kv_sinks[request_id] = sink
+        self.handoff.stream(request_id, sink)
 
     def prefilled_blocks(self, request_id: str) -> tuple[list[int], int]:
         """Block ids and token count of a finished prefill-only request's KV."""
-        seq = self._prefilled[request_id]
-        return list(seq.block_table), seq.num_computed_tokens
+        return self.handoff.prefilled_blocks(request_id)
 
     def release_prefilled(self, request_id: str) -> bool:
-        seq = self._prefilled.pop(request_id, None)
-        if seq is None:
-            return False
-        self.block_manager.free_sequence(seq)
-        return True
+        """Free a finished prefill-only request's blocks (its KV has been sent); False if none are held."""
+        return self.handoff.release_prefilled(request_id)
 
     # ---- decode role -------------------------------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Blocks for `num_tokens` tokens of KV that will be written from outside; None if they don't fit.
         Thread-safe (`state_lock`): callable between or during steps from any thread."""
         with self.state_lock:
-            if request_id in self._reservations or request_id in self._seqs:
+            if request_id in self._seqs:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if self.block_manager.blocks_needed(num_tokens) > self.block_manager.num_free_blocks:
-                return None
-            blocks = self.block_manager.allocate_blocks(num_tokens)
-            self._reservations[request_id] = blocks
-            return blocks
+            return self.handoff.reserve(request_id, num_tokens)
 
     def release_reservation(self, request_id: str) -> bool:
         """Give a reservation's blocks back (thread-safe, like `reserve`)."""
         with self.state_lock:
-            blocks = self._reservations.pop(request_id, None)
-            if blocks is None:
-                return False
-            self.block_manager.release_blocks(blocks)
-            return True
+            return self.handoff.release_reservation(request_id)
+
+    @property
+    def _reservations(self) -> Mapping[str, list[int]]:
+        """Open reservations' blocks, read-only (tests look at them)."""
+        return self.handoff.reservations
 
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
                               params: SamplingParams, seed: int | None = None) -> None:
         """Start decoding a request whose prompt KV already sits in its reserved blocks."""
-        blocks = self._reservations.pop(request_id, None)
-        if blocks is None:
-            raise ValueError(f"no reservation for request {request_id!r}")
-        needed = self.block_manager.blocks_needed(len(prompt_token_ids))
-        if needed != len(blocks):
-            self.block_manager.release_blocks(blocks)
-            raise ValueError(f"reservation has {len(blocks)} blocks, the prompt needs {needed}")
-        if seed is not None:
-            params = SamplingParams(**{**params.__dict__, "seed": seed})
-        try:
+        with self.handoff.claim(request_id, len(prompt_token_ids)) as blocks:
+            if seed is not None:
+                params = SamplingParams(**{**params.__dict__, "seed": seed})
             seq = self._new_sequence(request_id, [*prompt_token_ids, first_token_id], len(prompt_token_ids),
                                      params, prefill_only=False)
-        except ValueError:
-            self.block_manager.release_blocks(blocks)
-            raise
         seq.block_table = blocks
         seq.num_computed_tokens = len(prompt_token_ids)
         self.block_manager.commit(seq)
@@ -215,7 +191,7 @@ class LLMEngine:
         self.last_step_tokens = sum(batch.num_tokens) if batch is not None else 0
         if batch is None:
             return []
-        result = self.runner.run(batch, self._layer_hook(batch))
+        result = self.runner.run(batch, self.handoff.layer_hook(batch))
         outs: list[StepOutput] = []
         with self.state_lock:
             for seq, n, token, logprobs in zip(batch.seqs, batch.num_tokens, result.token_ids, result.logprobs,
@@ -230,29 +206,10 @@ class LLMEngine:
                 outs.append(out)
         return outs
 
-    def _layer_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
-        """For the requests whose prompt this batch completes and whose KV streams out: the per-layer call."""
-        if not self._kv_sinks or not batch.is_prefill:
-            return None
-        sinks = [(seq.block_table, self._kv_sinks[seq.request_id]) for seq, n in zip(batch.seqs, batch.num_tokens,
-                 strict=True) if seq.request_id in self._kv_sinks and seq.num_computed_tokens + n >= len(seq)]
-        if not sinks:
-            return None
-
-        def on_layer(layer: int) -> None:
-            for blocks, sink in sinks:
-                sink.layers_ready(blocks, layer + 1)
-
-        return on_layer
-
     def _finish(self, seq: Sequence, out: StepOutput) -> None:
-        self._kv_sinks.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
-        if seq.prefill_only and seq.finish_reason is not None and seq.finish_reason != FINISH_ABORT:
-            if seq.finish_reason == FINISH_PREFILLED:  # the caller needs them at once, not a step later
-                out.kv_block_ids = list(seq.block_table)
+        if self.handoff.on_finish(seq, out):
             self.scheduler.running.remove(seq)
-            self._prefilled[seq.request_id] = seq  # blocks stay until release_prefilled
         else:
             self.scheduler.remove(seq)
 
@@ -263,8 +220,8 @@ class LLMEngine:
                 num_running=len(self.scheduler.running),
                 num_free_blocks=self.block_manager.num_free_blocks,
                 num_total_blocks=self.block_manager.num_usable_blocks,
-                num_reserved_blocks=sum(len(b) for b in self._reservations.values()),
-                num_prefilled_held=len(self._prefilled),
+                num_reserved_blocks=self.handoff.num_reserved_blocks,
+                num_prefilled_held=self.handoff.num_prefilled,
                 num_preemptions=self.scheduler.num_preemptions,
                 num_prefix_cached_blocks=len(self.block_manager.hash_to_block),
             )
@@ -272,7 +229,5 @@ class LLMEngine:
     def check_block_accounting(self) -> None:
         """Raise unless every block is free or owned by a live request, reservation or held prefill."""
         with self.state_lock:
-            tables = [s.block_table for s in self._seqs.values()]
-            tables += [s.block_table for s in self._prefilled.values()]
-            tables += list(self._reservations.values())
+            tables = [s.block_table for s in self._seqs.values()] + self.handoff.block_tables()
             self.block_manager.check_invariants(tables)
