@@ -8,16 +8,21 @@ import multiprocessing
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import redis.asyncio
 import redis.exceptions
+from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.redis_server import RedisServer
 from cluster.registry import AsyncRegistry, Placement, Registry, WorkerInfo, WorkerLoad
 from tests import redis_fixtures
 from tests.redis_fixtures import unique_cluster
+from tests.sdk_router_helpers import BLOCK, FakeWorker
+from tests.test_sdk_router import make_cluster, model_dir  # noqa: F401 - fixtures
 
 # the shared fixtures (also fine once tests/conftest.py imports them: same objects)
 redis_server = redis_fixtures.redis_server
@@ -368,3 +373,49 @@ def test_async_api(redis_server: RedisServer) -> None:
 
     asyncio.run(main())
     assert [w.worker_id for w, _ in Registry(redis_server.url, cluster).list_workers()] == ["d1"]
+
+
+# --- the router's registry work per request ------------------------------------------------------------
+
+
+class _Colocated(FakeWorker):
+    """A scripted colocated worker: Generate streams tokens 4 and 5."""
+
+    def Generate(self, req: wpb.WorkerGenerateRequest, ctx: grpc.ServicerContext) -> Iterator[wpb.DecodeChunk]:
+        yield wpb.DecodeChunk(token_ids=[4], text=" w4")
+        yield wpb.DecodeChunk(token_ids=[5], text=" w5", finish_reason="length")
+
+
+@pytest.mark.parametrize(("mode", "policy"), [
+    ("disaggregated", "least_loaded"), ("disaggregated", "round_robin"), ("disaggregated", "prefix_aware"),
+    ("colocated", "least_loaded"), ("colocated", "prefix_aware"),
+])
+def test_a_request_costs_the_router_two_registry_calls(make_cluster, monkeypatch, mode, policy):  # noqa: F811
+    """One `place` and one `release` per request, in both modes and with every policy; the worker listing
+    is read by the health loop (every 0.1 s here), never per request."""
+    c = make_cluster(mode=mode, policy=policy)
+    if mode == "colocated":
+        c.workers += [w := _Colocated("colocated")]
+        c.registry.register(WorkerInfo("c0", "colocated", f"127.0.0.1:{w.port}", "tiny", "none", "", "h0", 100,
+                                       BLOCK), ttl_s=60)
+    else:
+        for wid, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+            c.add(wid, role)
+    c.client.wait_until_serving(timeout=5)
+    reg, calls = c.router.orchestrator.registry, []
+    real = reg._run
+
+    async def counted(call):  # type: ignore[no-untyped-def]
+        calls.append(call[0])
+        return await real(call)
+
+    monkeypatch.setattr(reg, "_run", counted)
+    t0, n = time.monotonic(), 20
+    for i in range(n):
+        assert c.client.generate(list(range(3, 12)) + [i % 5 + 3], max_tokens=2).finish_reason == "length"
+    elapsed = time.monotonic() - t0
+    monkeypatch.undo()
+    assert [x for x in calls if x != "list"] == ["place", "release"] * n
+    assert calls.count("list") <= elapsed / 0.1 + 2  # the health loop's refreshes only
+    ids = ("c0",) if mode == "colocated" else ("p0", "p1", "d0")
+    assert not any(c.registry.outstanding_blocks(w) or c.registry.incr_inflight(w, 0) for w in ids)
