@@ -10,8 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
+import pdserve
 import pytest
 import redis.asyncio
 import redis.exceptions
@@ -21,7 +23,7 @@ from cluster.redis_server import RedisServer
 from cluster.registry import AsyncRegistry, Placement, Registry, WorkerInfo, WorkerLoad
 from tests import redis_fixtures
 from tests.redis_fixtures import unique_cluster
-from tests.sdk_router_helpers import BLOCK, FakeWorker
+from tests.sdk_router_helpers import BLOCK, Cluster, FakeWorker
 from tests.test_sdk_router import make_cluster, model_dir  # noqa: F401 - fixtures
 
 # the shared fixtures (also fine once tests/conftest.py imports them: same objects)
@@ -419,3 +421,26 @@ def test_a_request_costs_the_router_two_registry_calls(make_cluster, monkeypatch
     assert calls.count("list") <= elapsed / 0.1 + 2  # the health loop's refreshes only
     ids = ("c0",) if mode == "colocated" else ("p0", "p1", "d0")
     assert not any(c.registry.outstanding_blocks(w) or c.registry.incr_inflight(w, 0) for w in ids)
+
+
+def test_router_serves_a_thousand_concurrent_requests_on_a_low_maxclients(model_dir: Path) -> None:  # noqa: F811
+    """1,024 requests at once through one router, whose Redis accepts 64 clients: every one succeeds (the
+    router's registry queues for its pool's connections instead of opening one per request)."""
+    with RedisServer(extra_args=("--maxclients", "64")) as srv:
+        c = Cluster(srv.url, model_dir)
+        try:
+            c.add("p0", "prefill")
+            c.add("d0", "decode", free_blocks=1_000_000)  # a fake never heartbeats: committed blocks stay used
+            c.client.wait_until_serving(timeout=5)
+
+            async def main() -> list[object]:
+                async with pdserve.AsyncClient(c.router.address, timeout=120) as ac:
+                    return await asyncio.gather(*(ac.generate("hello world", max_tokens=2) for _ in range(1024)),
+                                                return_exceptions=True)
+
+            results = asyncio.run(main())
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert not errors, errors[:3]
+            assert c.registry.outstanding_blocks("d0") == c.registry.incr_inflight("p0", 0) == 0
+        finally:
+            c.close()
