@@ -4,11 +4,11 @@ release, bounded connection pools. The RedisServer process itself: test_redis_se
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import random
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,13 +18,14 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 from pdserve.v1 import worker_pb2 as wpb
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cluster.redis_server import RedisServer
 from cluster.registry import AsyncRegistry, Placement, Registry, WorkerInfo, WorkerLoad
 from tests import redis_fixtures
 from tests.redis_fixtures import unique_cluster
 from tests.sdk_router_helpers import BLOCK, Cluster, FakeWorker
-from tests.test_sdk_router import make_cluster, model_dir  # noqa: F401 - fixtures
+from tests.test_sdk_router import make_cluster  # noqa: F401 - a fixture
 
 # the shared fixtures (also fine once tests/conftest.py imports them: same objects)
 redis_server = redis_fixtures.redis_server
@@ -380,12 +381,26 @@ def test_async_api(redis_server: RedisServer) -> None:
 # --- the router's registry work per request ------------------------------------------------------------
 
 
-class _Colocated(FakeWorker):
-    """A scripted colocated worker: Generate streams tokens 4 and 5."""
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer-only model directory (words w3..w49) for the routers below; named apart from
+    test_sdk_router's, whose name that module checks."""
+    d = tmp_path_factory.mktemp("registry-model")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 50)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return d
 
-    def Generate(self, req: wpb.WorkerGenerateRequest, ctx: grpc.ServicerContext) -> Iterator[wpb.DecodeChunk]:
-        yield wpb.DecodeChunk(token_ids=[4], text=" w4")
-        yield wpb.DecodeChunk(token_ids=[5], text=" w5", finish_reason="length")
+
+class _Colocated(FakeWorker):
+    """A scripted colocated worker: Generate sends tokens 4 and 5, one per step."""
+
+    def Generate(self, req: wpb.WorkerGenerateRequest, ctx: grpc.ServicerContext) -> wpb.WorkerGenerateReply:
+        self.run(req.router_id, req.request_id, [wpb.RequestOutput(token_ids=[4], text=" w4"),
+                                                 wpb.RequestOutput(token_ids=[5], text=" w5", finish_reason="length")])
+        return wpb.WorkerGenerateReply()
 
 
 @pytest.mark.parametrize(("mode", "policy"), [
@@ -423,7 +438,7 @@ def test_a_request_costs_the_router_two_registry_calls(make_cluster, monkeypatch
     assert not any(c.registry.outstanding_blocks(w) or c.registry.incr_inflight(w, 0) for w in ids)
 
 
-def test_router_serves_a_thousand_concurrent_requests_on_a_low_maxclients(model_dir: Path) -> None:  # noqa: F811
+def test_router_serves_a_thousand_concurrent_requests_on_a_low_maxclients(model_dir: Path) -> None:
     """1,024 requests at once through one router, whose Redis accepts 64 clients: every one succeeds (the
     router's registry queues for its pool's connections instead of opening one per request)."""
     with RedisServer(extra_args=("--maxclients", "64")) as srv:
@@ -435,7 +450,7 @@ def test_router_serves_a_thousand_concurrent_requests_on_a_low_maxclients(model_
 
             async def main() -> list[object]:
                 async with pdserve.AsyncClient(c.router.address, timeout=120) as ac:
-                    return await asyncio.gather(*(ac.generate("hello world", max_tokens=2) for _ in range(1024)),
+                    return await asyncio.gather(*(ac.generate([3, 4, 5], max_tokens=2) for _ in range(1024)),
                                                 return_exceptions=True)
 
             results = asyncio.run(main())
