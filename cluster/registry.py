@@ -1,30 +1,48 @@
-"""Worker registry, live load and router-side reservations in Redis (torch-free; the router imports it).
+"""Worker registry, live load and router-side placement in Redis (torch-free; the router imports it).
 
 Key layout (all under one hash tag, so every key lives in one Redis Cluster slot and Lua may touch any):
 
     {pdserve}:<cluster>:workers               SET    ids of registered workers (dead ones pruned lazily)
     {pdserve}:<cluster>:w:<id>                HASH   WorkerInfo + WorkerLoad fields; PX = heartbeat TTL
     {pdserve}:<cluster>:w:<id>:outstanding    STRING router-side decode blocks picked but not yet released
-    {pdserve}:<cluster>:w:<id>:inflight       STRING router-side prefill requests dispatched, not finished
+    {pdserve}:<cluster>:w:<id>:inflight       STRING router-side prompt requests dispatched, not finished
+    {pdserve}:<cluster>:rr:<role>             STRING round_robin's position among the role's workers
     {pdserve}:<cluster>:px:<block hash>       ZSET   worker id -> expiry time (ms, Redis clock)
 
 A worker is live while its hash exists: `register` creates it, `heartbeat` refreshes load and expiry.
 
-Decode reservations. The worker's published `free_kv_blocks` already excludes blocks it has allocated or
-reserved itself. The `outstanding` counter covers the window between a router's pick and the worker's own
-reservation: `reserve_decode` picks the live worker with the most headroom (free_kv_blocks - outstanding)
-that fits and adds the blocks to its counter, atomically, so concurrent routers never over-commit.
-Once the worker's reserve RPC has returned, the router calls `release_decode` (in `finally`): it subtracts
-the blocks (never below 0) and, with `committed=True` (the worker accepted), moves them into the published
-snapshot (free -= n, reserved += n) so they stay counted until the worker's next heartbeat, whose load
-already includes them (a heartbeat landing between the two counts them twice until the next one: safe).
-The counter expires `counter_ttl_s` after the last reservation, so a crashed router cannot leak headroom.
+One request costs the router two round trips on its normal path, each one Lua call, so the registry's
+state only ever moves atomically and concurrent routers never over-commit:
+- `place` picks the decode worker with the most headroom (free_kv_blocks - outstanding) that fits and
+  adds the request's blocks to its `outstanding` counter, orders the prompt workers (prefill, or
+  colocated) by the policy's rule and counts the first one's `inflight`, and (prefix_aware) notes the
+  prompt's block hashes as cached there. It takes all of that, or nothing.
+- `release` at the end undoes both: it subtracts the blocks from `outstanding` (never below 0) and, with
+  `committed` (the decode worker accepted the reservation), moves them into the published snapshot
+  (free -= n, reserved += n) so they stay counted until the worker's next heartbeat, whose load already
+  includes them; and it decrements `inflight`.
+A retry after a refusal (`reserve_decode` with the tried workers excluded, `incr_inflight` on the next
+prompt worker) costs more round trips: that is the exceptional path.
 
-Prefill placement: load score = max(num_waiting + num_running, inflight); the heartbeat is authoritative
-but stale, `inflight` is fresh between heartbeats, and max() avoids counting a request twice.
-Prefix policy: block hashes are chained (hash i covers blocks 0..i), so a worker can reuse the longest
-leading run of the request's hashes that it holds; `best_prefix_worker` returns the live worker with the
-longest such run (ties: lower load score, then smaller id) and the run length in blocks.
+Decode reservations. The worker's published `free_kv_blocks` already excludes blocks it has allocated or
+reserved itself; `outstanding` covers the router's side from the pick until `release`. A heartbeat that
+lands in between (the worker has reserved, the router has not released yet) counts those blocks twice
+until `release` or the next heartbeat: conservative, never an over-commit. The counters expire
+`counter_ttl_s` after their last change, so a crashed router cannot leak headroom or load.
+
+Prompt placement, by rule: `least_loaded` orders by load score = max(num_waiting + num_running, inflight)
+(the heartbeat is authoritative but stale, `inflight` is fresh between heartbeats, and max() avoids
+counting a request twice), ties by worker id; `round_robin` rotates over the live workers (one position
+per cluster, shared by every router); `prefix_aware` puts first the worker holding the longest leading
+run of the prompt's block hashes (hashes are chained: hash i covers blocks 0..i; ties: lower score, then
+smaller id) unless its score exceeds the least loaded one's by more than `load_slack`, the rest least
+loaded. The hashes are noted at placement, not after the prefill, so a burst sharing a prefix lands on one
+worker (as SGLang's cache-aware router inserts at routing time).
+
+Connections. Built from a URL, a registry owns one bounded, blocking connection pool: callers queue for
+one of `max_connections` connections (up to `pool_timeout_s`, then a `redis.ConnectionError`) instead of
+opening more, so no load opens more connections than that. A process makes one registry and shares it
+(the router does). The URL's `?max_connections=N&timeout=S` override the two defaults.
 """
 
 from __future__ import annotations
@@ -99,6 +117,26 @@ def _parse_worker(flat: Sequence[Any]) -> tuple[WorkerInfo, WorkerLoad]:
     return WorkerInfo(**{k: v[k] for k in _INFO}), WorkerLoad(**{k: v.get(k, 0) for k in _LOAD})
 
 
+RULES = ("least_loaded", "round_robin", "prefix_aware")  # how `place` orders the prompt workers
+MAX_CONNECTIONS = 50  # redis-py's BlockingConnectionPool defaults: pool size, and the wait for a connection
+POOL_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What one `place` call took: all of it, or nothing (then `missing` says why)."""
+
+    decode: str | None  # decode worker whose `outstanding` counter holds the request's blocks
+    prompt: tuple[str, ...]  # prompt workers in the order to try; the first one's `inflight` is counted
+    prefix_blocks: int = 0  # prefix_aware: leading blocks of the prompt the first one was noted to cache
+    missing: str = ""  # nothing was taken: "decode" (no decode worker has room) or the prompt role (none live)
+
+
+def _placement(r: Sequence[Any]) -> Placement:
+    missing, decode, matched, *order = r
+    return Placement(_opt(decode), tuple(_str(x) for x in order), int(matched), _str(missing))
+
+
 _Call = tuple[str, list[Any], Callable[[Any], Any]]  # script name, ARGV, reply parser
 
 
@@ -126,13 +164,30 @@ class _Base:
         pairs = [x for kv in asdict(load).items() for x in kv]
         return self._call("upsert", worker_id, _ms(ttl_s), "0", *pairs, parse=lambda r: bool(int(r)))
 
-    def _reserve(self, num_blocks: int, worker_id: str | None, role: str) -> _Call:
+    def _place(self, prompt_role: str, rule: str, decode_blocks: int | None, decode_role: str,
+               block_hashes: Sequence[str], load_slack: int, prefix_ttl_s: float, max_prompt: int) -> _Call:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if decode_blocks is not None and decode_blocks < 0:
+            raise ValueError(f"decode_blocks must be >= 0, got {decode_blocks}")
+        if max_prompt < 1 or load_slack < 0:
+            raise ValueError("max_prompt_workers must be >= 1 and load_slack >= 0")
+        hashes = block_hashes if rule == "prefix_aware" else ()
+        return self._call("place", -1 if decode_blocks is None else decode_blocks, decode_role,
+                          self._counter_ttl_ms, prompt_role, rule, max_prompt, load_slack, _ms(prefix_ttl_s),
+                          *hashes, parse=_placement)
+
+    def _release(self, decode: str | None, decode_blocks: int, committed: bool, inflight: str | None) -> _Call:
+        return self._call("release", decode or "", max(0, decode_blocks), "1" if committed else "0",
+                          inflight or "", self._counter_ttl_ms, parse=lambda r: None)
+
+    def _reserve(self, num_blocks: int, worker_id: str | None, role: str, exclude: Sequence[str]) -> _Call:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        return self._call("reserve", num_blocks, worker_id or "", role, self._counter_ttl_ms, parse=_opt)
+        return self._call("reserve", num_blocks, worker_id or "", role, self._counter_ttl_ms, *exclude, parse=_opt)
 
-    def _release(self, worker_id: str, num_blocks: int, committed: bool) -> _Call:
-        return self._call("release", worker_id, max(0, num_blocks), "1" if committed else "0")
+    def _release_decode(self, worker_id: str, num_blocks: int, committed: bool) -> _Call:
+        return self._call("release_decode", worker_id, max(0, num_blocks), "1" if committed else "0")
 
     def _counter(self, worker_id: str, name: str, delta: int) -> _Call:
         return self._call("counter", worker_id, name, delta, self._counter_ttl_ms)
@@ -145,11 +200,14 @@ class _Base:
 
 
 class Registry(_Base):
-    """Synchronous registry (workers, tests, CLI). `client` is a redis URL or a `redis.Redis`."""
+    """Synchronous registry (workers, tests, CLI). `client`: a redis URL (then it owns a bounded pool, see
+    the module's docstring) or a `redis.Redis` (used as it is)."""
 
-    def __init__(self, client: str | redis.Redis, cluster: str = "default", *, counter_ttl_s: float = 60.0):
+    def __init__(self, client: str | redis.Redis, cluster: str = "default", *, counter_ttl_s: float = 60.0,
+                 max_connections: int = MAX_CONNECTIONS, pool_timeout_s: float = POOL_TIMEOUT_S) -> None:
         if isinstance(client, str):
-            client = redis.Redis.from_url(client, decode_responses=True)
+            client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(
+                client, max_connections=max_connections, timeout=pool_timeout_s, decode_responses=True))
         super().__init__(client, cluster, counter_ttl_s)
 
     def _run(self, c: _Call) -> Any:
@@ -171,31 +229,44 @@ class Registry(_Base):
         """Live workers (optionally of one role), sorted by worker_id."""
         return self._run(self._list(role))
 
-    def reserve_decode(
-        self, num_blocks: int, *, worker_id: str | None = None, role: str = "decode"
-    ) -> str | None:
-        """Atomically pick the live `role` worker (or the named one) with the most headroom that fits."""
-        return self._run(self._reserve(num_blocks, worker_id, role))
+    def place(self, prompt_role: str, rule: str = "least_loaded", *, decode_blocks: int | None = None,
+              decode_role: str = "decode", block_hashes: Sequence[str] = (), load_slack: int = 0,
+              prefix_ttl_s: float = 300.0, max_prompt_workers: int = 2) -> Placement:
+        """One request's placement, atomically (see the module's docstring): with `decode_blocks`, the
+        decode worker with the most headroom that fits, those blocks reserved; the live `prompt_role`
+        workers in `rule`'s order (at most `max_prompt_workers`), the first one's inflight counted; with
+        `prefix_aware`, `block_hashes` noted as cached on it for `prefix_ttl_s`. Undo with `release`."""
+        return self._run(self._place(prompt_role, rule, decode_blocks, decode_role, block_hashes, load_slack,
+                                     prefix_ttl_s, max_prompt_workers))
+
+    def release(self, *, decode: str | None = None, decode_blocks: int = 0, committed: bool = False,
+                inflight: str | None = None) -> None:
+        """Give back in one call what `place` (or the retry calls) took: `decode_blocks` on `decode` (moved
+        into its published snapshot if `committed`: the worker accepted them), one `inflight` count."""
+        if decode or inflight:
+            self._run(self._release(decode, decode_blocks, committed, inflight))
+
+    def reserve_decode(self, num_blocks: int, *, worker_id: str | None = None, role: str = "decode",
+                       exclude: Sequence[str] = ()) -> str | None:
+        """Atomically pick the live `role` worker (or the named one), not in `exclude`, with the most
+        headroom that fits, and reserve `num_blocks` on it."""
+        return self._run(self._reserve(num_blocks, worker_id, role, exclude))
 
     def release_decode(self, worker_id: str, num_blocks: int, *, committed: bool = False) -> int:
         """Undo a reservation (floor 0); `committed`: the worker accepted it. Returns what is left."""
-        return self._run(self._release(worker_id, num_blocks, committed))
+        return self._run(self._release_decode(worker_id, num_blocks, committed))
 
     def outstanding_blocks(self, worker_id: str) -> int:
         """Router-side decode blocks picked for `worker_id` and not yet released."""
         return self._run(self._counter(worker_id, "outstanding", 0))
 
     def incr_inflight(self, worker_id: str, n: int = 1) -> int:
-        """Count `n` prefill requests dispatched to `worker_id`; returns the new count."""
+        """Count `n` prompt requests dispatched to `worker_id` (0: read); returns the new count."""
         return self._run(self._counter(worker_id, "inflight", n))
 
     def decr_inflight(self, worker_id: str, n: int = 1) -> int:
-        """Uncount `n` finished prefill requests (floor 0); returns the new count."""
+        """Uncount `n` finished prompt requests (floor 0); returns the new count."""
         return self._run(self._counter(worker_id, "inflight", -n))
-
-    def pick_prefill_least_loaded(self, role: str = "prefill") -> str | None:
-        """The live `role` worker with the lowest max(num_waiting + num_running, inflight)."""
-        return self._run(self._call("pick_prefill", role, parse=_opt))
 
     def record_prefixes(self, worker_id: str, hashes: Sequence[str], ttl_s: float) -> int:
         """Note that `worker_id` caches these block hashes, for `ttl_s`; returns how many."""
@@ -210,13 +281,15 @@ class Registry(_Base):
 
 
 class AsyncRegistry(_Base):
-    """The same API as `Registry`, with coroutines, over `redis.asyncio` (for the grpc.aio router)."""
+    """The same API as `Registry`, with coroutines, over `redis.asyncio` (for the grpc.aio router and
+    workers); use it on one event loop (its pool's connections belong to that loop)."""
 
-    def __init__(
-        self, client: str | redis.asyncio.Redis, cluster: str = "default", *, counter_ttl_s: float = 60.0
-    ):
+    def __init__(self, client: str | redis.asyncio.Redis, cluster: str = "default", *,
+                 counter_ttl_s: float = 60.0, max_connections: int = MAX_CONNECTIONS,
+                 pool_timeout_s: float = POOL_TIMEOUT_S) -> None:
         if isinstance(client, str):
-            client = redis.asyncio.Redis.from_url(client, decode_responses=True)
+            client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
+                client, max_connections=max_connections, timeout=pool_timeout_s, decode_responses=True))
         super().__init__(client, cluster, counter_ttl_s)
 
     async def _run(self, c: _Call) -> Any:
@@ -234,13 +307,23 @@ class AsyncRegistry(_Base):
     async def list_workers(self, role: str | None = None) -> list[tuple[WorkerInfo, WorkerLoad]]:
         return await self._run(self._list(role))
 
-    async def reserve_decode(
-        self, num_blocks: int, *, worker_id: str | None = None, role: str = "decode"
-    ) -> str | None:
-        return await self._run(self._reserve(num_blocks, worker_id, role))
+    async def place(self, prompt_role: str, rule: str = "least_loaded", *, decode_blocks: int | None = None,
+                    decode_role: str = "decode", block_hashes: Sequence[str] = (), load_slack: int = 0,
+                    prefix_ttl_s: float = 300.0, max_prompt_workers: int = 2) -> Placement:
+        return await self._run(self._place(prompt_role, rule, decode_blocks, decode_role, block_hashes,
+                                           load_slack, prefix_ttl_s, max_prompt_workers))
+
+    async def release(self, *, decode: str | None = None, decode_blocks: int = 0, committed: bool = False,
+                      inflight: str | None = None) -> None:
+        if decode or inflight:
+            await self._run(self._release(decode, decode_blocks, committed, inflight))
+
+    async def reserve_decode(self, num_blocks: int, *, worker_id: str | None = None, role: str = "decode",
+                             exclude: Sequence[str] = ()) -> str | None:
+        return await self._run(self._reserve(num_blocks, worker_id, role, exclude))
 
     async def release_decode(self, worker_id: str, num_blocks: int, *, committed: bool = False) -> int:
-        return await self._run(self._release(worker_id, num_blocks, committed))
+        return await self._run(self._release_decode(worker_id, num_blocks, committed))
 
     async def outstanding_blocks(self, worker_id: str) -> int:
         return await self._run(self._counter(worker_id, "outstanding", 0))
@@ -250,9 +333,6 @@ class AsyncRegistry(_Base):
 
     async def decr_inflight(self, worker_id: str, n: int = 1) -> int:
         return await self._run(self._counter(worker_id, "inflight", -n))
-
-    async def pick_prefill_least_loaded(self, role: str = "prefill") -> str | None:
-        return await self._run(self._call("pick_prefill", role, parse=_opt))
 
     async def record_prefixes(self, worker_id: str, hashes: Sequence[str], ttl_s: float) -> int:
         return await self._run(self._call("record_prefixes", worker_id, _ms(ttl_s), *hashes)) if hashes else 0

@@ -30,7 +30,7 @@ class ColocatedOrchestrator(Orchestrator):
     async def _run(self, v: ValidRequest, run: RequestRun, t0: float,
                    time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
         cfg, rid = self.config, v.request_id
-        workers = await self.reg(self.registry.list_workers(role=ROLE))
+        workers = [w for w in await self.reg(self.view.having(ROLE)) if w[0].role == ROLE]
         if not workers:
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no colocated workers are registered in cluster {cfg.cluster_name!r}")
@@ -54,7 +54,8 @@ class ColocatedOrchestrator(Orchestrator):
                 raise
             return session, stream
 
-        # The worker's inflight count stays taken for the whole stream: decodes are load here too.
+        # The worker's inflight count stays taken for the whole stream (decodes are load here too), given
+        # back with `_release` at its end: two registry round trips per request, as in the other flow.
         info, (session, stream) = await self._place(v, workers, run, "generate", generate, keep_inflight=True)
         try:
             step = what("generate", info)
@@ -72,4 +73,4 @@ class ColocatedOrchestrator(Orchestrator):
             yield pb.GenerateResponse(request_id=rid, final=final)
         finally:
             session.close(rid)
-            await self._quietly(self.registry.decr_inflight(info.worker_id))
+            await self._release(run)

@@ -1,7 +1,10 @@
 """The request path: validate -> reserve KV on a decode worker -> prefill (pushes KV) -> stream decode.
 
-Every exit path frees what it took: registry counters in `finally` next to where they were taken, and on
-any failure or client cancel, the in-flight worker RPCs are cancelled and both workers get a Cancel.
+The registry costs a request two round trips: `place` (decode worker + its blocks, prompt workers in the
+policy's order + inflight) at the start, `release` (all of it) once the prompt worker is done; the worker
+listing comes from the cached `WorkerView`. Every exit path frees what it took: registry counters in
+`finally` next to where they were taken (`RequestRun.held` until then), and on any failure or client
+cancel, the in-flight worker RPCs are cancelled and both workers get a Cancel.
 `Orchestrator` runs the disaggregated flow; `router.colocated.ColocatedOrchestrator` replaces only the flow
 (`_run`) and shares the rest: admission, placement (`_place`), registry bookkeeping and cleanup.
 """
@@ -21,7 +24,7 @@ from pdserve.v1 import generate_pb2 as pb
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.prefix_hash import chain_block_hashes
-from cluster.registry import AsyncRegistry, WorkerInfo, WorkerLoad
+from cluster.registry import AsyncRegistry, Placement, WorkerInfo, WorkerLoad
 from cluster.wire import sampling_to_proto
 from router.channels import WorkerChannels
 from router.config import RouterConfig
@@ -31,6 +34,7 @@ from router.policy import PrefillPolicy
 from router.validation import ValidRequest, validate
 from router.worker_sessions import WorkerSessions
 from router.worker_stream import ms_since, relay, what
+from router.worker_view import WorkerView
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,12 +42,25 @@ Code = grpc.StatusCode
 
 
 @dataclass
+class Held:
+    """The registry counters one request holds, given back together in one call (`Orchestrator._release`)."""
+
+    decode: str | None  # decode worker whose `outstanding` counter holds `blocks`
+    blocks: int
+    inflight: str | None  # prompt worker whose inflight count covers the current attempt
+    order: tuple[str, ...]  # prompt workers in the policy's order
+    hashes: list[str]  # the prompt's block hashes (prefix_aware only)
+    committed: bool = False  # the decode worker accepted its reservation
+
+
+@dataclass
 class RequestRun:
-    """What one request holds on the workers, for cleanup."""
+    """What one request holds on the workers and in the registry, for cleanup."""
 
     request_id: str
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
     finished: bool = False
+    held: Held | None = None  # registry counters taken and not yet released
 
 
 def _earliest(end: float, time_remaining: Callable[[], float | None]) -> Callable[[], float]:
@@ -66,6 +83,7 @@ class Orchestrator:
         self.channels = channels
         self.policy = policy
         self.sessions = WorkerSessions(channels)  # the workers' output streams to this router
+        self.view = WorkerView(registry)  # refreshed by the router's health loop; no request lists workers
         self._inflight: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -129,7 +147,7 @@ class Orchestrator:
                    time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
         """The flow of one validated request: yields the client's responses, sets `run.finished` at the end."""
         cfg, rid = self.config, v.request_id
-        workers = await self.reg(self.registry.list_workers())
+        workers = await self.reg(self.view.having("prefill", "decode"))
         prefills = [w for w in workers if w[0].role == "prefill"]
         decodes = [w for w in workers if w[0].role == "decode"]
         if not prefills or not decodes:
@@ -193,46 +211,76 @@ class Orchestrator:
 
     async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                        time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
-        """Registry pick-and-reserve, then the worker's own Reserve; next worker if it is full or down."""
-        infos = {w.worker_id: w for w, _ in decodes}
-        n_blocks = -(-len(v.token_ids) // decodes[0][0].block_size)
-        by_room = sorted(decodes, key=lambda w: (-w[1].free_kv_blocks, w[0].worker_id))
-        candidates: list[str | None] = [None, *(w.worker_id for w, _ in by_room)]  # None: registry's pick
-        tried: set[str] = set()
+        """The request's placement in one registry call (`_take_placement`: the decode worker with the most
+        headroom, its blocks held, and the prefill order `_place` follows), then that worker's own Reserve;
+        the next roomiest one when it is full or down (more registry calls: the exceptional path). What was
+        taken is released here on failure, else by `_place` after the prefill."""
+        block_size = decodes[0][0].block_size
+        n_blocks = -(-len(v.token_ids) // block_size)
         failures: list[str] = []
-        for cand in candidates:
-            if len(tried) >= self.config.max_decode_attempts:
-                break
-            if cand in tried:
-                continue
-            wid = await self._take(self.registry.reserve_decode(n_blocks, worker_id=cand),
-                                   lambda w: self.registry.release_decode(w, n_blocks))
-            if wid is None:
-                continue
-            tried.add(wid)
-            committed = False
-            try:
-                info = infos.get(wid)
-                if info is None:  # registered after our listing; skip it this time
-                    continue
-                run.workers[wid] = info
-                req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
-                                         lease_ms=self.config.reserve_lease_ms)
-                reply = await self.channels.stub(info.address).Reserve(
-                    req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
-                committed = True
-                return info, reply
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
-                    raise worker_error(err, f"reserve on decode worker {wid} ({info.address})") from None
-                failures.append(f"{wid}: {err.code().name} {err.details()}")
-            finally:
-                await self._quietly(self.registry.release_decode(wid, n_blocks, committed=committed))
+        try:
+            await self._take_placement(v, run, n_blocks, block_size)
+            held = run.held
+            tried: set[str] = set()
+            while held is not None and held.decode is not None:
+                wid = held.decode
+                tried.add(wid)
+                info = await self.reg(self.view.info(wid))
+                if info is not None:  # None: gone from the registry since the pick
+                    run.workers[wid] = info
+                    req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
+                                             lease_ms=self.config.reserve_lease_ms)
+                    try:
+                        reply = await self.channels.stub(info.address).Reserve(
+                            req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
+                        held.committed = True
+                        return info, reply
+                    except grpc.aio.AioRpcError as err:
+                        if err.code() not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
+                            raise worker_error(err, f"reserve on decode worker {wid} ({info.address})") from None
+                        failures.append(f"{wid}: {err.code().name} {err.details()}")
+                if len(tried) >= self.config.max_decode_attempts:
+                    break
+                held.decode = None
+                await self._quietly(self.registry.release_decode(wid, n_blocks))
+                held.decode = await self._take(self.registry.reserve_decode(n_blocks, exclude=sorted(tried)),
+                                               lambda w: self.registry.release_decode(w, n_blocks))
+        except BaseException:
+            await self._release(run)
+            raise
+        await self._release(run)
         if failures:
             code = Code.UNAVAILABLE if all("UNAVAILABLE" in f for f in failures) else Code.RESOURCE_EXHAUSTED
             raise RouterError(code, f"no decode worker could reserve {n_blocks} KV blocks: {'; '.join(failures)}")
         raise RouterError(Code.RESOURCE_EXHAUSTED, f"no decode worker has room for {n_blocks} KV blocks "
                                                    f"({len(decodes)} decode workers registered)")
+
+    async def _take_placement(self, v: ValidRequest, run: RequestRun, decode_blocks: int | None,
+                              block_size: int) -> Placement:
+        """The request's first registry round trip (`AsyncRegistry.place`): the decode pick with its blocks
+        (when `decode_blocks` is given) and the prompt workers in the policy's order, the first one's
+        inflight counted. Sets `run.held` unless nothing was taken: no decode room (`missing`), or no live
+        prompt worker (UNAVAILABLE)."""
+        role = self.config.serving_roles[0]
+        hashes = chain_block_hashes(v.token_ids, block_size) if self.policy.uses_prefixes else []
+        placed = await self._take(
+            self.registry.place(role, self.policy.name, decode_blocks=decode_blocks, block_hashes=hashes,
+                                load_slack=self.policy.load_slack, prefix_ttl_s=self.config.prefix_ttl_s,
+                                max_prompt_workers=self.config.max_prefill_attempts),
+            lambda p: self.registry.release(decode=p.decode, decode_blocks=decode_blocks or 0,
+                                            inflight=p.prompt[0] if p.prompt else None))
+        if placed.missing == role:
+            raise RouterError(Code.UNAVAILABLE, f"no {role} workers are live in cluster {self.config.cluster_name!r}")
+        if not placed.missing:
+            run.held = Held(placed.decode, decode_blocks or 0, placed.prompt[0], placed.prompt, hashes)
+        return placed
+
+    async def _release(self, run: RequestRun) -> None:
+        """The request's last registry round trip: give back every counter it still holds (idempotent)."""
+        held, run.held = run.held, None
+        if held is not None:
+            await self._quietly(self.registry.release(decode=held.decode, decode_blocks=held.blocks,
+                                                      committed=held.committed, inflight=held.inflight))
 
     async def _prefill(self, v: ValidRequest, prefills: list[tuple[WorkerInfo, WorkerLoad]],
                        req: wpb.PrefillRequest, run: RequestRun,
@@ -251,32 +299,49 @@ class Orchestrator:
     async def _place(self, v: ValidRequest, workers: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                      step: str, attempt: Callable[[WorkerInfo, str], Awaitable[T]],
                      keep_inflight: bool = False) -> tuple[WorkerInfo, T]:
-        """`attempt(worker, what)` on the policy's choice among `workers`, the next choice only while a worker
-        is unreachable (UNAVAILABLE). The worker's router-side inflight count covers the attempt; with
-        `keep_inflight` it stays taken after a success, and the caller releases it (`decr_inflight`).
-        The prefix-aware policy then notes the prompt's blocks as cached on the worker that ran it."""
-        prefix_aware = self.policy.name == "prefix_aware"  # nothing else reads the hashes
-        hashes = chain_block_hashes(v.token_ids, workers[0][0].block_size) if prefix_aware else []
-        order = (await self.reg(self.policy.order(workers, hashes)))[: self.config.max_prefill_attempts]
-        for i, info in enumerate(order):
-            wid, name, held = info.worker_id, what(step, info), False
-            run.workers[wid] = info
-            await self._take(self.registry.incr_inflight(wid), lambda _, w=wid: self.registry.decr_inflight(w))
-            try:
-                result = await attempt(info, name)
-                if hashes:
-                    await self._quietly(self.registry.record_prefixes(wid, hashes, self.config.prefix_ttl_s))
-                held = keep_inflight
-                return info, result
-            except RouterError as err:
-                if err.code == Code.UNAVAILABLE and i + 1 < len(order):
-                    log.warning("%s: %s; trying the next worker", name, err.reason)
+        """`attempt(worker, what)` on the policy's choice among the live `workers`, the next choice only while
+        a worker is unreachable (UNAVAILABLE). The placement `_reserve` took orders them and counts the first
+        one's inflight (with nothing taken yet, as in colocated mode, one registry call here takes it); a retry
+        moves the count to the next worker. At the end one registry call releases all the request holds
+        (`_release`, the decode blocks too), unless `keep_inflight` after a success: then the caller does,
+        once the worker is done with the request."""
+        kept = False
+        try:
+            if run.held is None:
+                await self._take_placement(v, run, None, workers[0][0].block_size)
+            held = run.held
+            order = held.order if held is not None else ()
+            for i, wid in enumerate(order):
+                if i > 0:
+                    await self._move_inflight(held, wid)
+                info = await self.reg(self.view.info(wid))
+                if info is None:  # gone from the registry since the pick
                     continue
-                raise
-            finally:
-                if not held:
-                    await self._quietly(self.registry.decr_inflight(wid))
-        raise RouterError(Code.UNAVAILABLE, f"no worker could be tried for {step}")  # order was empty
+                name = what(step, info)
+                run.workers[wid] = info
+                try:
+                    result = await attempt(info, name)
+                    kept = keep_inflight
+                    return info, result
+                except RouterError as err:
+                    if err.code == Code.UNAVAILABLE and i + 1 < len(order):
+                        log.warning("%s: %s; trying the next worker", name, err.reason)
+                        continue
+                    raise
+        finally:
+            if not kept:
+                await self._release(run)
+        raise RouterError(Code.UNAVAILABLE, f"no worker could be tried for {step}")
+
+    async def _move_inflight(self, held: Held, worker_id: str) -> None:
+        """A retry on the next prompt worker: its inflight count instead of the previous one's (and the
+        prompt's blocks noted as cached there, for prefix_aware)."""
+        old, held.inflight = held.inflight, None
+        await self._quietly(self.registry.release(inflight=old))
+        await self._take(self.registry.incr_inflight(worker_id), lambda _: self.registry.decr_inflight(worker_id))
+        held.inflight = worker_id
+        if held.hashes:
+            await self._quietly(self.registry.record_prefixes(worker_id, held.hashes, self.config.prefix_ttl_s))
 
     async def _quietly(self, coro: Awaitable[Any]) -> None:
         """Bookkeeping that must not mask the request's own outcome (and survives a second cancel)."""
@@ -287,6 +352,7 @@ class Orchestrator:
 
     async def _cleanup(self, run: RequestRun) -> None:
         """Tell every worker involved to free the request (idempotent)."""
+        await self._release(run)  # normally released already, where it was taken
         req = wpb.CancelRequest(request_id=run.request_id)
 
         async def cancel(info: WorkerInfo) -> None:

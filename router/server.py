@@ -107,10 +107,10 @@ class RouterServer:
         return f"{self.config.host}:{self.port}"
 
     async def update_health(self) -> bool:
-        """Poll the registry once; SERVING iff a worker of each role the mode needs is live (prefill and
-        decode, or colocated)."""
+        """Poll the registry once, refreshing the orchestrator's worker view; SERVING iff a worker of each
+        role the mode needs is live (prefill and decode, or colocated)."""
         try:
-            roles = {w.role for w, _ in await self.orchestrator.registry.list_workers()}
+            roles = {w.role for w, _ in await self.orchestrator.view.refresh()}
             serving = set(self.config.serving_roles) <= roles
         except Exception as exc:  # noqa: BLE001 - Redis down: not serving, keep polling
             log.warning("health: registry unavailable: %s", exc)
@@ -154,7 +154,7 @@ async def serve(config: RouterConfig) -> RouterServer:
     registry = AsyncRegistry(config.redis_url, config.cluster_name)
     flow = ColocatedOrchestrator if config.mode == "colocated" else Orchestrator
     orchestrator = flow(config, model, registry, WorkerChannels(),
-                        make_policy(config.policy, registry, config.prefix_load_slack, role=config.serving_roles[0]))
+                        make_policy(config.policy, config.prefix_load_slack))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator), server)
     health_servicer = health.aio.HealthServicer()

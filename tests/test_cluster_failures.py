@@ -224,19 +224,18 @@ def test_reservation_whose_kv_never_arrives_is_freed_at_lease_expiry(harness):
 
 
 @pytest.mark.timeout(30, func_only=True)
-@pytest.mark.parametrize("call", ["reserve_decode", "incr_inflight"])
-def test_deadline_during_a_late_registry_reply_leaks_no_counters(harness, monkeypatch, call):
-    """Redis applied the router's pick (decode blocks, prefill inflight) but the reply comes late, after the
-    client's deadline: the router still takes it back, else it stays counted until the counter's TTL."""
+def test_deadline_during_a_late_registry_reply_leaks_no_counters(harness, monkeypatch):
+    """Redis applied the router's placement (decode blocks and prefill inflight, one call) but the reply comes
+    late, after the client's deadline: the router still takes it back, else it stays counted until the TTL."""
     registry, check = harness.cluster.router.orchestrator.registry, Registry(harness.cluster.redis_url, "failures")
-    real = getattr(registry, call)
+    real = registry.place
 
     async def late_reply(*args, **kwargs):
         result = await real(*args, **kwargs)
         await asyncio.sleep(0.5)
         return result
 
-    monkeypatch.setattr(registry, call, late_reply)
+    monkeypatch.setattr(registry, "place", late_reply)
     with Client(harness.address) as client, pytest.raises(DeadlineExceededError):
         client.generate(prompt(24, 90), max_tokens=4, timeout=0.25)
     monkeypatch.undo()
