@@ -24,7 +24,7 @@ from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
-from router.process import RouterProcess
+from router.process import RouterProcess, check_port_free
 from router.server import RouterServer, serve
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ class Cluster:
             raise RuntimeError(f"Ray could not place {len(bundles)} workers ({config.gpus_per_worker:g} GPU + "
                                f"{config.cpus_per_worker:g} CPU each): {ray.available_resources()}") from None
         n_routers = config.num_router_processes()
+        if n_routers > 1:
+            check_port_free(config.host, config.port)
         router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
                                   reuse_port=n_routers > 1, cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,

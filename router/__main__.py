@@ -10,7 +10,7 @@ import logging
 import signal
 
 from router.config import MODES, POLICIES, RouterConfig
-from router.process import RouterProcess
+from router.process import RouterProcess, check_port_free
 from router.server import serve
 
 
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, int]:
 
 
 async def _main(config: RouterConfig, processes: int) -> None:
+    if processes > 1:
+        check_port_free(config.host, config.port)
     router = await serve(config)
     children = [RouterProcess(dataclasses.replace(config, port=router.port)) for _ in range(processes - 1)]
     try:

@@ -13,12 +13,28 @@ import contextlib
 import logging
 import multiprocessing as mp
 import signal
+import socket
 from multiprocessing.connection import Connection
 
 from router.config import RouterConfig
 
 log = logging.getLogger(__name__)
 STOP = "stop"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """RuntimeError if something already listens on host:port. With SO_REUSEPORT a bind would not fail there
+    (a second cluster's routers would quietly share the first one's port), so look before binding."""
+    if port == 0:
+        return
+    for family, kind, proto, _, addr in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc's listener: TIME_WAIT is fine
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise RuntimeError(f"router cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def _child_main(config: RouterConfig, conn: Connection, log_level: int, grace_s: float) -> None:

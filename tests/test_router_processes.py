@@ -20,7 +20,7 @@ from pdserve import Client
 from cluster.cluster_config import ClusterConfig, EngineOptions, default_router_processes
 from cluster.engine import LLM, SamplingParams
 from router.config import RouterConfig
-from router.process import RouterProcess
+from router.process import RouterProcess, check_port_free
 from tests.cluster_harness import ClusterHarness
 
 NO_REDIS = "redis://127.0.0.1:1/0"  # the router starts without its registry (health says NOT_SERVING)
@@ -60,11 +60,24 @@ def test_router_process_that_cannot_bind_fails_clearly(tiny_llama):
     assert _wait_gone(child.pid)
 
 
+def test_a_port_in_use_is_refused_before_sharing_it():
+    """Another router group (SO_REUSEPORT) on the port would accept a second group's bind: look first."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"router cannot bind 127.0.0.1:{port}: Address already in use"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
+    check_port_free("127.0.0.1", 0)
+
+
 def test_router_process_does_not_outlive_a_killed_launcher(tiny_llama):
     launcher = textwrap.dedent(f"""
         import asyncio, sys
         from router.config import RouterConfig
-        from router.process import RouterProcess
+        from router.process import RouterProcess, check_port_free
 
         async def main():
             child = RouterProcess(RouterConfig(model_dir={str(tiny_llama)!r}, redis_url={NO_REDIS!r}, reuse_port=True))
