@@ -68,6 +68,9 @@ class Cluster:
         from ray.util.placement_group import placement_group
 
         say = print if progress else (lambda *a, **k: None)
+        n_routers = config.num_router_processes()
+        if n_routers > 1:  # before anything starts: with SO_REUSEPORT the bind itself would not fail
+            check_port_free(config.host, config.port)
         model_dir = config.model or str(ensure_builtin_model())
         started_ray = False
         if not ray.is_initialized():
@@ -94,9 +97,6 @@ class Cluster:
         except TimeoutError:
             raise RuntimeError(f"Ray could not place {len(bundles)} workers ({config.gpus_per_worker:g} GPU + "
                                f"{config.cpus_per_worker:g} CPU each): {ray.available_resources()}") from None
-        n_routers = config.num_router_processes()
-        if n_routers > 1:
-            check_port_free(config.host, config.port)
         router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
                                   reuse_port=n_routers > 1, cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,

@@ -73,6 +73,17 @@ def test_a_port_in_use_is_refused_before_sharing_it():
     check_port_free("127.0.0.1", 0)
 
 
+def test_cluster_with_router_processes_refuses_a_taken_port_before_starting_anything(tiny_llama):
+    from cluster.launcher import Cluster
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        config = ClusterConfig(model=str(tiny_llama), port=other.getsockname()[1], router_processes=2)
+        with pytest.raises(RuntimeError, match="router cannot bind"):
+            asyncio.run(Cluster.start(config, progress=False))
+
+
 def test_router_process_does_not_outlive_a_killed_launcher(tiny_llama):
     launcher = textwrap.dedent(f"""
         import asyncio, sys
