@@ -91,6 +91,7 @@ class LLMEngine:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks + 1  # + the scratch block
         if self.device.type == "cuda":  # this engine's share of the device, less the weights it loaded
+            torch.cuda.empty_cache()  # the loader's freed temporaries are not this engine's to keep
             free, total = torch.cuda.mem_get_info(self.device)
             budget = self.config.kv_cache_budget(total, free, torch.cuda.memory_reserved(self.device))
         else:
