@@ -48,6 +48,17 @@ def test_default_router_processes_follow_the_host():
         ClusterConfig(router_processes=0)
 
 
+def test_python_m_router_processes_flag():
+    from router.__main__ import parse_args
+
+    config, n = parse_args(["--model", "m", "--redis-url", NO_REDIS, "--processes", "3"])
+    assert n == 3 and config.reuse_port
+    config, n = parse_args(["--model", "m", "--redis-url", NO_REDIS])
+    assert n == 1 and not config.reuse_port
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--redis-url", NO_REDIS, "--processes", "0"])
+
+
 def test_router_process_that_cannot_bind_fails_clearly(tiny_llama):
     with socket.socket() as held:  # a plain listener (no SO_REUSEPORT): nobody may share its port
         held.bind(("127.0.0.1", 0))
