@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cluster.config import EngineOptions
+from cluster.config import EngineConfig, EngineOptions
 from cluster.worker.config import NO_TRANSPORT
 from router.config import MODES
 
 TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
+MAX_DEFAULT_ROUTER_PROCESSES = 4
+
+
+def default_router_processes(cpus: int | None = None) -> int:
+    """Router processes for a host of `cpus` cores (default: the cores this process may run on): a quarter of
+    them, 1 to 4. The router host also runs Ray, Redis and often the workers' own processes (an engine loop
+    and its server each), so the routers get a share, not the machine; past 4, measure (`bench serve`
+    with `--client-processes`) before adding more."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_DEFAULT_ROUTER_PROCESSES, max(1, cpus // 4))
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,10 @@ class ClusterConfig:
     `mode="colocated"` runs `colocated` workers that each prefill and decode in one engine (no KV transport;
     `transport` is not used). `colocated=None` means `prefill + decode`: the same GPUs, so switching `mode`
     alone compares the two setups on identical hardware. Setting `colocated` in disaggregated mode is an error.
+
+    `gpus_per_worker` below 1 packs several workers on one GPU (0.5: 1 prefill + 1 decode on one device, KV
+    over cuda_ipc), each engine budgeting that share of the device's memory. `router_processes=None` sizes
+    the router to the host (`default_router_processes`); more than one serve the same port (SO_REUSEPORT).
     """
 
     model: str | None = None
@@ -43,6 +60,8 @@ class ClusterConfig:
     kv_stream_layers: bool = True  # prefill workers stream KV layer by layer during the forward
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # in (0, 1]: below 1, workers share GPUs (and their memory) by that fraction
+    router_processes: int | None = None  # None: default_router_processes() on the launching host
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def __post_init__(self) -> None:
@@ -66,6 +85,13 @@ class ClusterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be positive")
+        if not (0.0 < self.gpus_per_worker <= 1.0):
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}")
+        if self.gpus_per_worker < 1.0 and self.transport == "nccl" and self.mode == "disaggregated":
+            raise ValueError(f"transport 'nccl' cannot join two workers on one GPU (gpus_per_worker="
+                             f"{self.gpus_per_worker}); use cuda_ipc, grpc or auto")
+        if self.router_processes is not None and self.router_processes < 1:
+            raise ValueError(f"router_processes must be >= 1, got {self.router_processes}")
 
     def worker_roles(self) -> list[str]:
         """The role of each worker to start, in placement-bundle order."""
@@ -73,19 +99,36 @@ class ClusterConfig:
             return ["colocated"] * (self.colocated or self.prefill + self.decode)
         return ["prefill"] * self.prefill + ["decode"] * self.decode
 
+    def num_gpus(self) -> int:
+        """Whole GPUs the workers occupy: floor(1 / gpus_per_worker) workers fit on each."""
+        per_gpu = int(1.0 / self.gpus_per_worker + 1e-9)
+        return math.ceil(len(self.worker_roles()) / per_gpu)
+
+    def num_router_processes(self) -> int:
+        """`router_processes`, or the default for the host this runs on."""
+        return self.router_processes or default_router_processes()
+
+    def engine_config(self, model_dir: str, seed: int) -> EngineConfig:
+        """A worker's engine: the `engine:` options on this cluster's device, with its share of the GPU."""
+        return EngineConfig(model=model_dir, device=self.device, seed=seed, device_share=self.gpus_per_worker,
+                            **self.engine.options())
+
     def resolved_transport(self, one_host: bool = False) -> str:
         """The KV transport, with "auto" resolved: on GPUs "cuda_ipc" when `one_host` (every worker on one
         machine and CUDA IPC usable there: the sender copies straight into the receiver's blocks on the copy
         engine, no receiver SMs, 2 control messages; a 2K handoff in ~1 ms against nccl's ~2 ms,
-        docs/benchmarks.md), else "nccl" (within and across hosts); gloo (the same torch.distributed code) on
-        CPU. "none" in colocated mode, where no KV moves between workers."""
+        docs/benchmarks.md), else "nccl" (within and across hosts; "grpc" where workers share GPUs, which NCCL
+        refuses); gloo (the same torch.distributed code) on CPU. "none" in colocated mode, where no KV moves
+        between workers."""
         if self.mode == "colocated":
             return NO_TRANSPORT
         if self.transport != "auto":
             return self.transport
         if self.device != "cuda":
             return "gloo"
-        return "cuda_ipc" if one_host else "nccl"
+        if one_host:
+            return "cuda_ipc"
+        return "nccl" if self.gpus_per_worker == 1.0 else "grpc"  # nccl cannot join two ranks on one GPU
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:

@@ -12,8 +12,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 class EngineOptions:
     """The engine's tunables, shared by every worker of a cluster (the `engine:` section of a cluster YAML).
 
-    `num_kv_blocks=None` sizes the cache from `kv_cache_memory_gb` (CPU) or from free GPU memory times
-    `gpu_memory_utilization` (CUDA).
+    `num_kv_blocks=None` sizes the cache from `kv_cache_memory_gb` (CPU) or, on CUDA, from the device's total
+    memory times `gpu_memory_utilization` (see `EngineConfig.kv_cache_budget`).
     """
 
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
@@ -53,11 +53,16 @@ class EngineOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig(EngineOptions):
-    """Everything an engine needs besides the model's own config.json: the tunables plus model, device, seed."""
+    """Everything an engine needs besides the model's own config.json: the tunables plus model, device, seed.
+
+    `device_share` is the fraction of the device this engine owns (a fractional-GPU worker's
+    `gpus_per_worker`; 1.0: the whole device), which scales its CUDA memory budget.
+    """
 
     model: str
     device: str = "cpu"
     seed: int = 0
+    device_share: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +70,27 @@ class EngineConfig(EngineOptions):
             raise ValueError("model directory must be given")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not (0.0 < self.device_share <= 1.0):
+            raise ValueError(f"device_share must be in (0, 1], got {self.device_share}")
+
+    def kv_cache_budget(self, total_bytes: int, free_bytes: int, held_bytes: int) -> int:
+        """Bytes the KV cache may take on a CUDA device of `total_bytes`, `free_bytes` of them free now, after
+        this engine already holds `held_bytes` (its weights): this engine's share of the device,
+        total x gpu_memory_utilization x device_share, minus what it holds, capped by what is free less the
+        headroom its share keeps for activations. The share is of the total, not of what is free, so engines
+        that start on one device at the same time never over-commit it. ValueError when nothing is left."""
+        share = total_bytes * self.device_share
+        budget = share * self.gpu_memory_utilization - held_bytes
+        cap = free_bytes - share * (1.0 - self.gpu_memory_utilization)
+        if min(budget, cap) <= 0:
+            gib = 2.0**30
+            raise ValueError(
+                f"no memory left for the KV cache: {total_bytes / gib:.2f} GiB device x gpu_memory_utilization "
+                f"{self.gpu_memory_utilization} x device share {self.device_share} = "
+                f"{share * self.gpu_memory_utilization / gib:.2f} GiB, of which this engine already holds "
+                f"{held_bytes / gib:.2f} GiB, with {free_bytes / gib:.2f} GiB free on the device; raise "
+                "gpu_memory_utilization or gpus_per_worker, or serve a smaller model")
+        return int(min(budget, cap))
 
     @property
     def torch_dtype_name(self) -> str:

@@ -1,12 +1,15 @@
 """Bring a cluster up: Ray (connect or start), Redis (given or private), the worker pools, the router.
 
 `Cluster.start(config)` returns a running cluster; `shutdown()` drains and stops every part it started.
+The router runs in this process; with `router_processes` N > 1, N - 1 more run in child processes
+(`router.process`) on the same port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -16,12 +19,12 @@ from typing import Any
 
 from cluster.builtin_model import ensure_builtin_model
 from cluster.cluster_config import ClusterConfig
-from cluster.config import EngineConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
+from router.process import RouterProcess, check_port_free
 from router.server import RouterServer, serve
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,8 @@ class Cluster:
     config: ClusterConfig
     model_dir: str
     redis_url: str
-    router: RouterServer
+    router: RouterServer  # the one in this process; `router_processes` serve the same port beside it
+    router_processes: list[RouterProcess] = field(default_factory=list)
     workers: list[Any] = field(default_factory=list)  # Ray actor handles
     worker_info: list[dict[str, str]] = field(default_factory=list)
     placement_group: Any = None
@@ -70,6 +74,9 @@ class Cluster:
         from ray.util.placement_group import placement_group
 
         say = print if progress else (lambda *a, **k: None)
+        n_routers = config.num_router_processes()
+        if n_routers > 1:  # before anything starts: with SO_REUSEPORT the bind itself would not fail
+            check_port_free(config.host, config.port)
         model_dir = config.model or str(ensure_builtin_model())
         started_ray = False
         if not ray.is_initialized():
@@ -78,7 +85,7 @@ class Cluster:
                 ray.init(address=address, log_to_driver=False)
             else:
                 n = len(config.worker_roles())
-                gpus = None if config.device == "cuda" else n  # logical GPUs place CPU workers the same way
+                gpus = None if config.device == "cuda" else config.num_gpus()  # logical GPUs place CPU workers
                 # "local": a private Ray even where `ray start` left an address in /tmp/ray/ray_current_cluster
                 ray.init(address="local", num_cpus=max(2, int(n * config.cpus_per_worker) + 1), num_gpus=gpus,
                          include_dashboard=False, log_to_driver=False)
@@ -89,26 +96,37 @@ class Cluster:
             redis = RedisServer().start()
             redis_url = redis.url
             say(f"pdserve: started redis-server at {redis_url}")
-        bundles = [{"GPU": 1, "CPU": config.cpus_per_worker}] * len(config.worker_roles())
+        bundles = [{"GPU": config.gpus_per_worker, "CPU": config.cpus_per_worker}] * len(config.worker_roles())
         pg = placement_group(bundles, strategy="PACK")
         try:
             await asyncio.wait_for(pg.ready(), timeout=120)
         except TimeoutError:
-            raise RuntimeError(f"Ray could not place {len(bundles)} workers (1 GPU + {config.cpus_per_worker} CPU "
-                               f"each): {ray.available_resources()}") from None
+            raise RuntimeError(f"Ray could not place {len(bundles)} workers ({config.gpus_per_worker:g} GPU + "
+                               f"{config.cpus_per_worker:g} CPU each): {ray.available_resources()}") from None
         router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
-                                  cluster_name=config.cluster_name, mode=config.mode, policy=config.policy,
-                                  max_queue=config.max_queue, reserve_lease_ms=config.reserve_lease_ms,
-                                  max_model_len=config.engine.max_model_len)
+                                  reuse_port=n_routers > 1, cluster_name=config.cluster_name, mode=config.mode,
+                                  policy=config.policy, max_queue=config.max_queue,
+                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
         router = await serve(router_cfg)
         cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
         try:
+            await cluster._start_router_processes(n_routers - 1)
             await cluster._start_workers()
         except BaseException:
             await cluster.shutdown()
             raise
-        say(f"pdserve: router on {cluster.address}, {cluster.describe_workers()}")
+        say(f"pdserve: router on {cluster.address} ({n_routers} process{'es' if n_routers > 1 else ''}), "
+            f"{cluster.describe_workers()}")
         return cluster
+
+    async def _start_router_processes(self, n: int) -> None:
+        """`n` more routers in child processes, on the port the first one bound (so port 0 works too)."""
+        child_cfg = dataclasses.replace(self.router.config, port=self.router.port)
+        self.router_processes = [RouterProcess(child_cfg) for _ in range(n)]
+        ports = await asyncio.gather(*(p.wait_ready() for p in self.router_processes), return_exceptions=True)
+        for port in ports:
+            if isinstance(port, BaseException):
+                raise port
 
     def describe_workers(self) -> str:
         """E.g. "1 prefill + 1 decode workers, transport gloo" or "2 colocated workers (no KV transport)"."""
@@ -120,10 +138,9 @@ class Cluster:
 
     def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
         c = self.config
-        engine = EngineConfig(model=self.model_dir, device=c.device, seed=index, **c.engine.options())
-        return WorkerConfig(role=role, engine=engine, redis_url=self.redis_url, cluster_name=c.cluster_name,
-                            worker_id=f"{role}-{index}", transport=self.transport, host=host,
-                            kv_stream_layers=c.kv_stream_layers)
+        return WorkerConfig(role=role, engine=c.engine_config(self.model_dir, seed=index), redis_url=self.redis_url,
+                            cluster_name=c.cluster_name, worker_id=f"{role}-{index}", transport=self.transport,
+                            host=host, kv_stream_layers=c.kv_stream_layers)
 
     def _worker_hosts(self, n: int) -> list[str]:
         """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in
@@ -157,8 +174,8 @@ class Cluster:
         for i, role in enumerate(roles):
             strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
             self.workers.append(actor_cls.options(
-                num_gpus=1, num_cpus=self.config.cpus_per_worker, scheduling_strategy=strategy,
-                runtime_env={"env_vars": env}, max_concurrency=1000,
+                num_gpus=self.config.gpus_per_worker, num_cpus=self.config.cpus_per_worker,
+                scheduling_strategy=strategy, runtime_env={"env_vars": env}, max_concurrency=1000,
             ).remote(self._worker_config(role, i, hosts[i]), ROLE_SERVICERS[role]))
         t0 = time.perf_counter()
         self.worker_info = list(await asyncio.gather(*(w.start.remote() for w in self.workers)))
@@ -174,11 +191,12 @@ class Cluster:
             await asyncio.sleep(0.1)
 
     async def shutdown(self, drain_s: float = 10.0) -> None:
-        """Stop the router, drain and stop the workers, then Redis and Ray if this cluster started them."""
+        """Stop the routers, drain and stop the workers, then Redis and Ray if this cluster started them."""
         import ray
 
         with contextlib.suppress(Exception):
-            await self.router.stop(grace=2.0)
+            await asyncio.gather(self.router.stop(grace=2.0), *(p.stop() for p in self.router_processes),
+                                 return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(w.drain.remote(drain_s) for w in self.workers),
                                                   return_exceptions=True), drain_s + 5)

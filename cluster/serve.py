@@ -30,13 +30,18 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="router port (0: pick a free one)")
     parser.add_argument("--redis-url", help="existing Redis (default: start a private redis-server)")
     parser.add_argument("--policy", choices=("round_robin", "least_loaded", "prefix_aware"))
+    parser.add_argument("--router-processes", type=int, help="router processes serving the port (SO_REUSEPORT; "
+                        "default: a quarter of this host's cores, 1 to 4)")
+    parser.add_argument("--gpus-per-worker", type=float, help="GPU share of each worker, in (0, 1] (default 1; 0.5 "
+                        "runs 1 prefill + 1 decode on one GPU, each with half its memory)")
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     return base.replace(model=args.model, device=args.device, mode=args.mode, prefill=args.prefill,
                         decode=args.decode, colocated=args.colocated, transport=args.transport, host=args.host,
-                        port=args.port, redis_url=args.redis_url, policy=args.policy)
+                        port=args.port, redis_url=args.redis_url, policy=args.policy,
+                        router_processes=args.router_processes, gpus_per_worker=args.gpus_per_worker)
 
 
 async def serve_until_stopped(config: ClusterConfig) -> None:

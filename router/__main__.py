@@ -1,17 +1,20 @@
-"""`python -m router --model DIR --redis-url redis://... [--port N]`: run the public gRPC router."""
+"""`python -m router --model DIR --redis-url redis://... [--port N] [--processes N]`: run the public gRPC router
+(with `--processes` N > 1: this process and N - 1 children, one port, SO_REUSEPORT)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 
 from router.config import MODES, POLICIES, RouterConfig
+from router.process import RouterProcess, check_port_free
 from router.server import serve
 
 
-def parse_args(argv: list[str] | None = None) -> RouterConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, int]:
     p = argparse.ArgumentParser(prog="python -m router", description=__doc__)
     p.add_argument("--model", required=True, help="model directory (tokenizer.json, config.json)")
     p.add_argument("--redis-url", required=True, help="worker registry, e.g. redis://127.0.0.1:6379/0")
@@ -27,29 +30,38 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     p.add_argument("--reserve-lease-ms", type=int, default=60_000)
     p.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds")
     p.add_argument("--decode-first-token-timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--processes", type=int, default=1, help="router processes serving the port (SO_REUSEPORT)")
     a = p.parse_args(argv)
-    return RouterConfig(model_dir=a.model, redis_url=a.redis_url, host=a.host, port=a.port,
+    if a.processes < 1:
+        p.error(f"--processes must be >= 1, got {a.processes}")
+    return RouterConfig(model_dir=a.model, redis_url=a.redis_url, host=a.host, port=a.port, reuse_port=a.processes > 1,
                         cluster_name=a.cluster_name, served_model_name=a.served_model_name, mode=a.mode,
                         policy=a.policy, max_queue=a.max_queue, max_model_len=a.max_model_len,
                         reserve_lease_ms=a.reserve_lease_ms,
                         prefill_timeout_s=a.prefill_timeout,
-                        decode_first_token_timeout_s=a.decode_first_token_timeout)
+                        decode_first_token_timeout_s=a.decode_first_token_timeout), a.processes
 
 
-async def _main(config: RouterConfig) -> None:
+async def _main(config: RouterConfig, processes: int) -> None:
+    if processes > 1:
+        check_port_free(config.host, config.port)
     router = await serve(config)
-    print(f"pdserve router listening on {router.address}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await router.stop()
+    children = [RouterProcess(dataclasses.replace(config, port=router.port)) for _ in range(processes - 1)]
+    try:
+        await asyncio.gather(*(c.wait_ready() for c in children))
+        print(f"pdserve router listening on {router.address} ({processes} processes)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await asyncio.gather(router.stop(), *(c.stop() for c in children))
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(parse_args(argv)))
+    asyncio.run(_main(*parse_args(argv)))
 
 
 if __name__ == "__main__":

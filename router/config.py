@@ -22,6 +22,7 @@ class RouterConfig:
     redis_url: str
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (see RouterServer.port)
+    reuse_port: bool = False  # SO_REUSEPORT: several router processes serve this port (router.process)
     cluster_name: str = "default"
     served_model_name: str | None = None  # None: the model directory's name
     mode: str = "disaggregated"  # which workers serve: prefill + decode pools, or colocated workers

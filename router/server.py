@@ -155,7 +155,7 @@ async def serve(config: RouterConfig) -> RouterServer:
     flow = ColocatedOrchestrator if config.mode == "colocated" else Orchestrator
     orchestrator = flow(config, model, registry, WorkerChannels(),
                         make_policy(config.policy, config.prefix_load_slack))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port))])
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,6 +7,7 @@ background thread; tests talk to it through the SDK like any user.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Coroutine
@@ -27,6 +28,8 @@ class ClusterHarness:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
+        # tests count in-flight requests and queue limits per router: one process unless a test asks for more
+        config = dataclasses.replace(config, router_processes=config.router_processes or 1)
         self.cluster: Cluster = self.run(Cluster.start(config, progress=False))
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 180) -> T:

@@ -174,6 +174,33 @@ def test_failed_requests_are_recorded_not_dropped():
     assert out["failed"] == 3 and out["completed"] == 6 and out["slo_attainment"] == pytest.approx(6 / 9)
 
 
+def test_schedule_splits_requests_and_the_concurrency_cap():
+    from cluster.bench.serve_clients import Schedule
+
+    sched = Schedule([[i] for i in range(7)], list(range(7)), [0.1 * i for i in range(7)], [None] * 7,
+                     max_concurrency=5)
+    shares = sched.split(3)
+    assert [idx for idx, _ in shares] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [s.max_concurrency for _, s in shares] == [2, 2, 1]
+    assert shares[1][1].prompts == [[1], [4]] and shares[1][1].offsets == [0.1, 0.4]
+    assert [len(idx) for idx, _ in sched.split(10)] == [2, 2, 1, 1, 1]  # no more shares than the cap of 5
+    assert [s.max_concurrency for _, s in Schedule([[1]] * 4, [1] * 4, [0.0] * 4, [None] * 4).split(8)] == [None] * 4
+
+
+def test_client_process_that_cannot_connect_fails_the_run():
+    from cluster.bench.serve_clients import ClientProcesses
+
+    async def go():
+        procs = ClientProcesses("127.0.0.1:1", 1, timeout=2.0)
+        try:
+            await procs.start()
+        finally:
+            await procs.close()
+
+    with pytest.raises(RuntimeError, match="bench client process 0: UnavailableError"):
+        asyncio.run(go())
+
+
 # ---- the subcommands end to end -----------------------------------------------------------------------------
 def _one_json(folder: Path, pattern: str) -> dict:
     (path,) = folder.glob(pattern)
@@ -247,7 +274,7 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
         rc = main(["bench", "serve", "--target", harness.address, "--model", str(tiny_llama),
                    "--num-prompts", "12", "--request-rate", "20,inf", "--input-range", "8,24",
                    "--output-range", "4,10", "--slo", "ttft_ms=20000,tpot_ms=5000", "--max-concurrency", "8",
-                   "--num-warmups", "1", "--out", str(tmp_path)])
+                   "--num-warmups", "1", "--client-processes", "2", "--out", str(tmp_path)])
     finally:
         harness.close()
     assert rc == 0
@@ -260,6 +287,8 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
     assert summary["device_name"] and summary["device_note"]
     assert summary["server"]["vocab_size"] > 0 and [p["rate"] for p in summary["rates"]] == [20.0, "inf"]
     assert summary["max_rate_meeting_slo_target"] == "inf"  # generous SLOs: every request meets them
+    assert summary["options"]["client_processes"] == 2
+    planned = LengthSpec(input_range=(8, 24), output_range=(4, 10)).sample(12, 0)
     for name in ("rate-20.json", "rate-inf.json"):
         data = json.loads((run / name).read_text())
         met = data["metrics"]
@@ -269,5 +298,5 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
         assert met["tpot_ms"]["count"] == 12 and met["itl_ms"]["count"] > 0
         rows = data["requests"]
         assert all(r["error"] is None and r["output_tokens"] == r["max_tokens"] for r in rows)
-        assert all(8 <= r["prompt_len"] <= 24 and 4 <= r["max_tokens"] <= 10 for r in rows)
+        assert [(r["prompt_len"], r["max_tokens"]) for r in rows] == planned  # merged back in schedule order
         assert met["total_output_tokens"] == sum(r["output_tokens"] for r in rows)

@@ -27,7 +27,7 @@ PACKAGES = ("cluster", "router", "prefill_worker", "decode_worker", "proto")  # 
 Renderer = Callable[[dict[str, Any]], list[dict[str, Any]]]
 
 
-@pytest.mark.parametrize("name", ["cpu.yaml", "gpu-1host.yaml", "cpu-colocated.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu-1host.yaml", "cpu-colocated.yaml", "gpu-1gpu.yaml"])
 def test_example_configs_load(name: str) -> None:
     config = ClusterConfig.from_yaml(DEPLOY / "examples" / name)
     assert config.prefill >= 1 and config.decode >= 1
@@ -161,6 +161,18 @@ def test_chart_renders_colocated_cluster(helm: tuple[Renderer, Callable[[], list
     assert config.worker_roles() == ["colocated"] * 3 and config.resolved_transport() == "none"
     assert "need = 3" in config_map["data"]["start-head.sh"]
     assert by_kind(docs, "Deployment")["demo-pdserve-worker"]["spec"]["replicas"] == 2  # 3 workers, 2 per pod
+
+
+def test_chart_renders_workers_sharing_gpus(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    values = {"cluster": {"prefill": 2, "decode": 3, "gpus_per_worker": 0.5, "cpus_per_worker": 2,
+                          "router_processes": 2}, "worker": {"gpusPerPod": 2}}
+    docs = helm[0](values)
+    config_map = by_kind(docs, "ConfigMap")["demo-pdserve"]
+    config = ClusterConfig.from_dict(yaml.safe_load(config_map["data"]["cluster.yaml"]))
+    assert (config.gpus_per_worker, config.router_processes, config.num_gpus()) == (0.5, 2, 3)
+    assert "need = 3" in config_map["data"]["start-head.sh"]  # 5 workers, 2 per GPU
+    assert by_kind(docs, "Deployment")["demo-pdserve-worker"]["spec"]["replicas"] == 2  # 3 GPUs, 2 per pod
+    assert "--num-cpus=8" in config_map["data"]["start-worker.sh"]  # 4 workers per pod at 2 CPUs
 
 
 def test_chart_needs_a_reachable_redis(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:

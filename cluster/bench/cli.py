@@ -72,6 +72,8 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    from cluster.bench.serve_clients import default_client_processes
+
     p.add_argument("--target", default="localhost:50051", help="router HOST:PORT")
     p.add_argument("--model", help="local copy of the served model, to record its shape (optional)")
     _lengths(p, 1024, 128)
@@ -79,6 +81,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", default="inf", help="req/s, or a list for a sweep: 1,2,4,inf")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals; 1 = Poisson")
     p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    p.add_argument("--client-processes", type=int, default=default_client_processes(),
+                   help="client processes sharing the requests, each with its own connection (default: min(4, "
+                        "cores)); --max-concurrency is split between them")
     p.add_argument("--slo", default="", help="e.g. ttft_ms=500,tpot_ms=50 (also tbt_ms, e2e_ms)")
     p.add_argument("--slo-target", type=float, default=0.9, help="share of requests that must meet the SLOs")
     p.add_argument("--num-warmups", type=int, default=2)

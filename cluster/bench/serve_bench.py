@@ -2,16 +2,18 @@
 
 Requests are random token-id prompts (ids in the served vocabulary) with `ignore_eos=True`, sent at the
 times of a gamma arrival process (`metrics.arrival_times`), optionally capped at `--max-concurrency` in
-flight. Each request is timed by the client from the moment it is sent: TTFT at the first token-bearing
-delta, ITL between token-bearing deltas, E2E at the end of the stream. Failed requests are recorded with
-their error and counted; they never meet an SLO. Each rate writes `rate-<r>.json`; the sweep writes
-`summary.json`, `goodput.png` and `latency_cdf.png` into one run folder.
+flight, spread over `--client-processes` client processes (`serve_clients`; the cap is split between them).
+Each request is timed by the client from the moment it is sent: TTFT at the first token-bearing delta, ITL
+between token-bearing deltas, E2E at the end of the stream. Failed requests are recorded with their error
+and counted; they never meet an SLO. Each rate writes `rate-<r>.json`; the sweep writes `summary.json`,
+`goodput.png` and `latency_cdf.png` into one run folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -31,54 +33,26 @@ from cluster.bench.metrics import (
 )
 from cluster.bench.plots import plot_goodput, plot_latency_cdfs, rate_label
 from cluster.bench.report import metadata, run_dir, write_json
+from cluster.bench.serve_clients import ClientProcesses, Schedule, run_schedule, send_one
 from cluster.bench.workload import LengthSpec, parse_range, parse_rates, random_prompts
-
-
-async def send_one(client: Any, prompt: list[int], max_tokens: int, temperature: float, seed: int | None,
-                   timeout: float | None) -> RequestRecord:
-    """Stream one request and record what the client saw; errors are kept in the record, never raised."""
-    rec = RequestRecord(prompt_len=len(prompt), max_tokens=max_tokens, start=time.perf_counter())
-    try:
-        stream = client.generate_stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                        ignore_eos=True, timeout=timeout)
-        async with stream:
-            async for delta in stream:
-                if delta.token_ids:
-                    rec.delta_times.append(time.perf_counter())
-                    rec.num_output_tokens += len(delta.token_ids)
-                if delta.timing is not None:
-                    rec.server_ms = {k: getattr(delta.timing, k) for k in SERVER_KEYS}
-        rec.end = time.perf_counter()
-        if rec.num_output_tokens != max_tokens:
-            rec.error = f"got {rec.num_output_tokens} tokens, asked for {max_tokens} with ignore_eos"
-    except Exception as exc:  # noqa: BLE001 - a benchmark reports failures instead of stopping at the first
-        rec.error = f"{type(exc).__name__}: {exc}"
-    return rec
 
 
 async def run_rate(client: Any, prompts: list[list[int]], out_lens: list[int], rate: float, *,
                    burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0,
-                   temperature: float = 0.0, timeout: float | None = None,
-                   desc: str = "") -> tuple[list[RequestRecord], float, list[float]]:
-    """Send every prompt at its arrival time; return the records, the duration and the planned gaps."""
+                   temperature: float = 0.0, timeout: float | None = None, desc: str = "",
+                   processes: ClientProcesses | None = None) -> tuple[list[RequestRecord], float, list[float]]:
+    """Send every prompt at its arrival time, through `client` or split over `processes`; return the records,
+    the duration and the planned gaps."""
     offsets = arrival_times(len(prompts), rate, burstiness, seed)
-    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    seeds = [seed + i if temperature > 0 else None for i in range(len(prompts))]
+    schedule = Schedule(prompts, out_lens, offsets, seeds, max_concurrency, temperature, timeout)
     bar = tqdm(total=len(prompts), desc=desc or f"rate {rate_label(rate)}", unit="req")
-    t0 = time.perf_counter()
-
-    async def launch(i: int) -> RequestRecord:
-        await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
-        req_seed = seed + i if temperature > 0 else None
-        if gate is None:
-            rec = await send_one(client, prompts[i], out_lens[i], temperature, req_seed, timeout)
-        else:
-            async with gate:
-                rec = await send_one(client, prompts[i], out_lens[i], temperature, req_seed, timeout)
-        bar.update(1)
-        return rec
-
     try:
-        records = list(await asyncio.gather(*(launch(i) for i in range(len(prompts)))))
+        if processes is None:
+            t0 = time.perf_counter()
+            records = await run_schedule(client, schedule, t0, lambda: bar.update(1))
+        else:
+            records, t0 = await processes.run(schedule, lambda n: bar.update(n - bar.n))
     finally:
         bar.close()
     duration = max([r.end or r.start for r in records] + [t0]) - t0
@@ -100,7 +74,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     rates = parse_rates(args.request_rate)
     lengths = LengthSpec(args.input_len, args.output_len, args.range_ratio, parse_range(args.input_range),
                          parse_range(args.output_range))
-    async with AsyncClient(args.target, timeout=args.request_timeout) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(AsyncClient(args.target, timeout=args.request_timeout))
         await client.wait_until_serving(timeout=args.connect_timeout)
         info = await client.server_info()
         vocab = info.vocab_size
@@ -115,6 +90,11 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             rec = await send_one(client, p, 4, 0.0, None, args.request_timeout)
             if rec.error:
                 raise RuntimeError(f"warm-up request failed: {rec.error}")
+        processes = None
+        if args.client_processes > 1:
+            processes = ClientProcesses(args.target, args.client_processes, args.request_timeout)
+            stack.push_async_callback(processes.close)
+            await processes.start()
         folder = run_dir(args.out, "serve")  # only once the cluster has answered
         common = {**meta, "server": info.__dict__, "slo": slo,
                   "workload": {"num_prompts": len(pairs), "input_range": lengths.bounds()[0],
@@ -125,7 +105,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             prompts = random_prompts([i for i, _ in pairs], vocab, args.seed + 1 + 1000 * idx)
             records, duration, gaps = await run_rate(
                 client, prompts, out_lens, rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
-                seed=args.seed + 1000 * (idx + 1), temperature=args.temperature, timeout=args.request_timeout)
+                seed=args.seed + 1000 * (idx + 1), temperature=args.temperature, timeout=args.request_timeout,
+                processes=processes)
             m = serve_metrics(records, duration, slo)
             write_json(folder / f"rate-{rate_label(rate)}.json",
                        {**common, "request_rate": rate, "arrivals": interval_stats(gaps) if gaps else None,
@@ -164,6 +145,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     """Run the sweep described by `args`; returns 1 if any request failed."""
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
+    if args.client_processes < 1:
+        raise ValueError("--client-processes must be >= 1")
     from pdserve import PdserveError
 
     try:

@@ -83,9 +83,10 @@ class LLMEngine:
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks + 1  # + the scratch block
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.gpu_memory_utilization
+        if self.device.type == "cuda":  # this engine's share of the device, less the weights it loaded
+            torch.cuda.empty_cache()  # the loader's freed temporaries are not this engine's to keep
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = self.config.kv_cache_budget(total, free, torch.cuda.memory_reserved(self.device))
         else:
             budget = self.config.kv_cache_memory_gb * 2**30
         n = int(budget // self.kv_layout.bytes_per_block)

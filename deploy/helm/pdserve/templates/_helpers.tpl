@@ -59,10 +59,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* Workers per GPU: floor(1 / cluster.gpus_per_worker), as ClusterConfig.num_gpus() counts them. */}}
+{{- define "pdserve.workersPerGpu" -}}
+{{- int (floor (addf (divf 1.0 (.Values.cluster.gpus_per_worker | default 1.0)) 0.000000001)) -}}
+{{- end -}}
+
+{{/* Whole GPUs the workers occupy (ClusterConfig.num_gpus()). */}}
+{{- define "pdserve.numGpus" -}}
+{{- $per := int (include "pdserve.workersPerGpu" .) -}}
+{{- div (add (int (include "pdserve.numWorkers" .)) $per -1) $per -}}
+{{- end -}}
+
 {{- define "pdserve.workerReplicas" -}}
 {{- if kindIs "invalid" .Values.worker.replicas -}}
 {{- $gpus := int .Values.worker.gpusPerPod -}}
-{{- div (add (int (include "pdserve.numWorkers" .)) $gpus -1) $gpus -}}
+{{- div (add (int (include "pdserve.numGpus" .)) $gpus -1) $gpus -}}
 {{- else -}}
 {{- .Values.worker.replicas -}}
 {{- end -}}
