@@ -45,6 +45,12 @@ class Cluster:
     def address(self) -> str:
         return f"{self.config.host}:{self.router.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """The router's HTTP API base (`http://host:port`), None without one."""
+        port = self.router.http_port
+        return None if port is None else f"http://{self.config.host}:{port}"
+
     @functools.cached_property
     def transport(self) -> str:
         """The workers' KV transport: the config's, "auto" resolved for where Ray placed them (cuda_ipc needs
@@ -91,6 +97,7 @@ class Cluster:
             raise RuntimeError(f"Ray could not place {len(bundles)} workers (1 GPU + {config.cpus_per_worker} CPU "
                                f"each): {ray.available_resources()}") from None
         router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
+                                  http_port=config.http_port,
                                   cluster_name=config.cluster_name, mode=config.mode, policy=config.policy,
                                   max_queue=config.max_queue, reserve_lease_ms=config.reserve_lease_ms,
                                   max_model_len=config.engine.max_model_len)

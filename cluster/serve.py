@@ -28,6 +28,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS)
     parser.add_argument("--host", help="address to bind and advertise")
     parser.add_argument("--port", type=int, help="router port (0: pick a free one)")
+    parser.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API and /metrics (default 8000; 0: "
+                        "pick a free one)")
     parser.add_argument("--redis-url", help="existing Redis (default: start a private redis-server)")
     parser.add_argument("--policy", choices=("round_robin", "least_loaded", "prefix_aware"))
 
@@ -36,7 +38,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     return base.replace(model=args.model, device=args.device, mode=args.mode, prefill=args.prefill,
                         decode=args.decode, colocated=args.colocated, transport=args.transport, host=args.host,
-                        port=args.port, redis_url=args.redis_url, policy=args.policy)
+                        port=args.port, http_port=args.http_port, redis_url=args.redis_url, policy=args.policy)
 
 
 async def serve_until_stopped(config: ClusterConfig) -> None:
@@ -44,6 +46,8 @@ async def serve_until_stopped(config: ClusterConfig) -> None:
 
     cluster = await Cluster.start(config)
     print(f"pdserve: serving on {cluster.address} (Ctrl-C to stop)", flush=True)
+    if cluster.http_url:
+        print(f"pdserve: OpenAI API on {cluster.http_url}/v1, metrics on {cluster.http_url}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -241,7 +241,7 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
     from tests.cluster_harness import ClusterHarness
 
     harness = ClusterHarness(ClusterConfig(model=str(tiny_llama), prefill=1, decode=1, transport="grpc", port=0,
-                                           cluster_name="bench-serve",
+                                           http_port=0, cluster_name="bench-serve",
                                            engine=EngineOptions(num_kv_blocks=96, max_num_seqs=16)))
     try:
         rc = main(["bench", "serve", "--target", harness.address, "--model", str(tiny_llama),

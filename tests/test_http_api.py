@@ -20,7 +20,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from router.http.chat_template import ChatTemplate
 from tests.sdk_router_helpers import Cluster, wait_for
 
-TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}a{% endif %}"
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}a{% endif %}")
 OUTPUT = "w4 w5 w6 w7"  # what the scripted workers generate: token 4 from prefill, 5 6 7 from decode
 
 
