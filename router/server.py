@@ -4,7 +4,6 @@ prefill and one decode worker; in colocated mode, one colocated worker) and refl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import grpc
@@ -106,6 +105,7 @@ class RouterServer:
         self.http: HttpServer | None = None
         self._health = health_servicer
         self._health_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.serving = False
 
     @property
@@ -133,7 +133,7 @@ class RouterServer:
         return serving
 
     async def _health_loop(self) -> None:
-        while True:
+        while not self._stopping:  # as well as the cancel: a registry call can swallow one
             await asyncio.sleep(self.config.health_interval_s)
             await self.update_health()
 
@@ -153,10 +153,10 @@ class RouterServer:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting requests, let running ones finish for `grace` seconds, then release everything."""
+        self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+            await asyncio.wait({self._health_task})
         await self._health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(grace), *([self.http.stop()] if self.http is not None else []))
         await self.orchestrator.close()

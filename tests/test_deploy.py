@@ -142,7 +142,8 @@ def test_chart_renders_defaults(helm: tuple[Renderer, Callable[[], list[str]]]) 
 
 
 def test_chart_metrics_scraping(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
-    docs = helm[0]({"cluster": {"http_port": 9000}, "metrics": {"annotations": True, "serviceMonitor": {"enabled": True}}})
+    docs = helm[0]({"cluster": {"http_port": 9000},
+                    "metrics": {"annotations": True, "serviceMonitor": {"enabled": True}}})
     pod = by_kind(docs, "Deployment")["demo-pdserve-head"]["spec"]["template"]["metadata"]["annotations"]
     assert pod["prometheus.io/scrape"] == "true" and pod["prometheus.io/port"] == "9000"
     monitor = by_kind(docs, "ServiceMonitor")["demo-pdserve"]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -203,3 +205,32 @@ def test_chat_template_renders_as_transformers_does() -> None:
             ours = ChatTemplate(source, {"bos_token": "<s>", "eos_token": "</s>"}).render(messages, gen)
             assert ours == tok.apply_chat_template(messages, chat_template=source, tokenize=False,
                                                    add_generation_prompt=gen)
+
+
+MULTIPROC_SCRIPT = """
+import asyncio, sys
+from pdserve.v1 import generate_pb2 as pb
+from router.metrics import RouterMetrics
+
+async def one(metrics):
+    async def responses():
+        yield pb.GenerateResponse(delta=pb.Delta(token_ids=[1], text="a"))
+        yield pb.GenerateResponse(final=pb.Final(finish_reason="stop", usage=pb.Usage(prompt_tokens=2,
+                                  completion_tokens=1), timing=pb.Timing(ttft_ms=5, total_ms=9)))
+    async for _ in metrics.track(responses()):
+        pass
+
+metrics = RouterMetrics("tok")
+asyncio.run(one(metrics))
+sys.stdout.write(metrics.exposition([]).decode())
+"""
+
+
+def test_metrics_sum_across_router_processes(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outs = [subprocess.run([sys.executable, "-c", MULTIPROC_SCRIPT], env=env, capture_output=True, text=True,
+                           check=True, cwd=Path(__file__).parent.parent).stdout for _ in range(2)]
+    samples = {(s.name, s.labels.get("finished_reason")): s.value
+               for f in text_string_to_metric_families(outs[1]) for s in f.samples}
+    assert samples[("pdserve:time_to_first_token_seconds_count", None)] == 2  # both processes' requests
+    assert samples[("pdserve:request_success_total", "stop")] == 2
