@@ -85,6 +85,8 @@ def test_completions(cluster: Cluster) -> None:
         assert r.choices[0].logprobs.token_logprobs[0] == -0.5 and r.choices[0].logprobs.text_offset[0] == 0
         one = oc.completions.create(model=model, prompt="hello", max_tokens=1)
         assert one.choices[0].text == "w4" and one.choices[0].finish_reason == "length"
+        ids = oc.completions.create(model=model, prompt="hello", max_tokens=8, extra_body={"return_token_ids": True})
+        assert ids.choices[0].model_extra["token_ids"] == [4, 5, 6, 7]
 
 
 def test_chat_stream_with_usage(cluster: Cluster) -> None:

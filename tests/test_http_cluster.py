@@ -136,3 +136,18 @@ def test_metrics_match_what_clients_received(url: str, oc: openai.OpenAI, model:
 
     wait_for(idle, timeout=10, what="KV usage did not return to 0")
     assert json.loads(requests.get(url + "/health", timeout=5).text) == {}
+
+
+def test_bench_serve_drives_the_http_api(url: str, tiny_llama, tmp_path) -> None:
+    from cluster.cli import main
+
+    rc = main(["bench", "serve", "--backend", "openai", "--target", url, "--model", str(tiny_llama),
+               "--num-prompts", "6", "--request-rate", "inf", "--input-range", "8,24", "--output-range", "4,10",
+               "--num-warmups", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    (run,) = tmp_path.glob("serve-*")
+    data = json.loads((run / "rate-inf.json").read_text())
+    assert (data["metrics"]["completed"], data["metrics"]["failed"]) == (6, 0)
+    rows = data["requests"]
+    assert all(r["output_tokens"] == r["max_tokens"] and r["num_deltas"] >= 1 for r in rows)
+    assert all(r["server_ms"]["prefill_ms"] > 0 for r in rows)  # the server's timing, through return_timing

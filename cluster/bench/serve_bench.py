@@ -1,4 +1,5 @@
-"""`pdserve bench serve`: drive a running cluster through the SDK at one or more request rates.
+"""`pdserve bench serve`: drive a running cluster through the SDK (or, with `--backend openai`, its
+OpenAI-compatible HTTP API: `cluster.bench.openai_client`) at one or more request rates.
 
 Requests are random token-id prompts (ids in the served vocabulary) with `ignore_eos=True`, sent at the
 times of a gamma arrival process (`metrics.arrival_times`), optionally capped at `--max-concurrency` in
@@ -93,20 +94,30 @@ def request_rows(records: list[RequestRecord]) -> list[dict[str, Any]]:
              "num_deltas": len(r.delta_times), "server_ms": r.server_ms, "error": r.error} for r in records]
 
 
-async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+def make_client(backend: str, target: str, timeout: float | None) -> Any:
+    """The load generator's client: the gRPC SDK, or the same interface over the OpenAI HTTP API."""
+    if backend == "openai":
+        from cluster.bench.openai_client import OpenAIHttpClient
+
+        return OpenAIHttpClient(target, timeout=timeout)
     from pdserve import AsyncClient
 
+    return AsyncClient(target, timeout=timeout)
+
+
+async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     slo = parse_slo(args.slo)
     rates = parse_rates(args.request_rate)
     lengths = LengthSpec(args.input_len, args.output_len, args.range_ratio, parse_range(args.input_range),
                          parse_range(args.output_range))
-    async with AsyncClient(args.target, timeout=args.request_timeout) as client:
+    async with make_client(args.backend, args.target, args.request_timeout) as client:
         await client.wait_until_serving(timeout=args.connect_timeout)
         info = await client.server_info()
-        vocab = info.vocab_size
+        vocab = info.vocab_size  # openai: the served card's, else ids every tokenizer has (--model: the model's)
         meta = metadata("serve", args, None, args.model)
         if meta["model"]:
-            vocab = min(vocab, meta["model"]["vocab_size"])
+            model_vocab = meta["model"]["vocab_size"]
+            vocab = model_vocab if args.backend == "openai" else min(vocab, model_vocab)
         lengths.check_fits(info.max_model_len)
         pairs = lengths.sample(args.num_prompts, args.seed)
         out_lens = [o for _, o in pairs]

@@ -149,7 +149,8 @@ class Completions:
             if msg.HasField("delta"):
                 if index in held:
                     out.append(_event(shaper.chunk(index, held[index])))
-                held[index] = msg.delta
+                if msg.delta.text or msg.delta.logprobs or shaper.job.return_token_ids:  # else: text held back
+                    held[index] = msg.delta
             else:
                 out.append(_event(shaper.chunk(index, held.pop(index, None), msg.final)))
                 finals[index] = msg.final

@@ -105,6 +105,7 @@ class Job:
     include_usage: bool = False
     top_logprobs: int | None = None  # completions `logprobs`; chat `top_logprobs` when `logprobs` is true
     return_timing: bool = False  # pdserve extension: per-choice server-side timing
+    return_token_ids: bool = False  # as vLLM's: each choice (or chunk) carries its generated token ids
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -168,4 +169,4 @@ def parse_job(body: dict[str, Any], chat: bool, model: str, prompts: list[str | 
     options = _get(body, "stream_options", (dict,), "an object") or {}
     return Job(chat=chat, model=model, prompts=prompts, sampling=sampling, n=n, stream=_bool(body, "stream"),
                include_usage=bool(options.get("include_usage")), top_logprobs=top,
-               return_timing=_bool(body, "return_timing"))
+               return_timing=_bool(body, "return_timing"), return_token_ids=_bool(body, "return_token_ids"))

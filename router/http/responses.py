@@ -17,12 +17,14 @@ class Choice:
     """One choice's output so far (non-streaming responses and usage)."""
 
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
     final: pb.Final | None = None
 
     def add(self, msg: pb.GenerateResponse) -> None:
         if msg.HasField("delta"):
             self.text.append(msg.delta.text)
+            self.token_ids.extend(msg.delta.token_ids)
             self.logprobs.extend(msg.delta.logprobs)
         else:
             self.final = msg.final
@@ -92,6 +94,8 @@ class Shaper:
             else:
                 body["text"] = text
             body["logprobs"] = self.logprobs(i, c.logprobs)
+            if self.job.return_token_ids:
+                body["token_ids"] = list(c.token_ids)
             out.append(self._finish(body, c.final))
         return {**self._head(False), "choices": out, "usage": self.usage([c.final for c in choices if c.final])}
 
@@ -106,6 +110,8 @@ class Shaper:
         else:
             body["text"] = text
         body["logprobs"] = self.logprobs(index, list(delta.logprobs)) if delta is not None else None
+        if self.job.return_token_ids:
+            body["token_ids"] = list(delta.token_ids) if delta is not None else []
         out = {**self._head(True), "choices": [self._finish(body, final)]}
         if self.job.include_usage:
             out["usage"] = None
