@@ -236,3 +236,19 @@ def test_metrics_sum_across_router_processes(tmp_path: Path) -> None:
                for f in text_string_to_metric_families(outs[1]) for s in f.samples}
     assert samples[("pdserve:time_to_first_token_seconds_count", None)] == 2  # both processes' requests
     assert samples[("pdserve:request_success_total", "stop")] == 2
+
+
+def test_grafana_dashboard_queries_existing_series() -> None:
+    import re
+
+    from cluster.registry import WorkerInfo, WorkerLoad
+    from router.metrics import RouterMetrics
+
+    metrics = RouterMetrics("m")
+    metrics.success.labels("m", "stop").inc()
+    worker = (WorkerInfo("d0", "decode", "x:1", "m", "grpc", "", "h", 10, 4), WorkerLoad(1, 2, 5))
+    names = {s.name for f in text_string_to_metric_families(metrics.exposition([worker]).decode()) for s in f.samples}
+    dashboard = (Path(__file__).parent.parent / "deploy" / "grafana" / "pdserve-dashboard.json").read_text()
+    exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"pdserve:[a-z0-9_]+", e)}
+    assert used and used <= names, used - names
