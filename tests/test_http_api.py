@@ -120,11 +120,17 @@ def test_async_chat_logprobs_and_timing(cluster: Cluster) -> None:
 def test_errors_are_openai_errors(make_cluster: Callable[..., Cluster]) -> None:
     c = make_cluster()
     with client(c) as oc:
-        for bad in ({"temperature": -1.0}, {"max_tokens": 100}, {"prompt": 5}, {"n": 0}, {"stop": [1]},
-                    {"seed": -1}, {"prompt": [99]}):
+        # what the gRPC API refuses (test_sdk_router.test_invalid_arguments), then what only HTTP can get wrong
+        for bad, reason in (({"prompt": ""}, "prompt is empty"), ({"prompt": "hello " * 20}, "exceeds max_model_len"),
+                            ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": 0}, "top_k"),
+                            ({"max_tokens": 0}, "max_tokens"), ({"prompt": [1, 2, 100000]}, "out of the vocabulary"),
+                            ({"prompt": [-3]}, "token id -3"), ({"logprobs": 21}, "logprobs"),
+                            ({"seed": -1}, "seed"), ({"prompt": []}, "'prompt' must be"), ({"prompt": 5}, "'prompt'"),
+                            ({"n": 0}, "'n'"), ({"stop": [1]}, "'stop'"), ({"max_tokens": "3"}, "'max_tokens'"),
+                            ({"top_k": 2**40}, "'top_k' is out of range")):
             with pytest.raises(openai.BadRequestError) as info:
-                oc.completions.create(**{"model": "tok", "prompt": "hello", **bad})  # type: ignore[call-overload]
-            assert info.value.status_code == 400 and info.value.body["message"], bad
+                oc.completions.create(model="tok", prompt="hello", max_tokens=16, extra_body=bad)
+            assert info.value.status_code == 400 and reason in info.value.body["message"], (bad, info.value.body)
         with pytest.raises(openai.NotFoundError) as info:
             oc.completions.create(model="nope", prompt="hello")
         assert info.value.body["code"] == "model_not_found"

@@ -90,6 +90,9 @@ class Completions:
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("messages", "add_generation_prompt")}
+        if isinstance(body.get("tools"), list):  # offered to the template, as transformers does
+            kwargs.setdefault("tools", body["tools"])
         try:
             text = self.template.render(messages, bool(body.get("add_generation_prompt", True)), **kwargs)
         except jinja2.TemplateError as exc:
