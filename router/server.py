@@ -1,5 +1,6 @@
 """The public endpoints: gRPC GenerateService, standard health (SERVING once the cluster has at least one
-prefill and one decode worker; in colocated mode, one colocated worker) and reflection, on grpc.aio."""
+prefill and one decode worker; in colocated mode, one colocated worker) and reflection, on grpc.aio; with
+`http_port`, the OpenAI-compatible HTTP endpoint (`router.http`) on the same event loop and request path."""
 
 from __future__ import annotations
 
