@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+# The chat template of models made with the built-in tokenizer (`pdserve make-model`, the built-in model):
+# "role: content" lines after BOS, then "assistant:" for the reply.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def default_model_dir() -> Path:
@@ -20,4 +26,14 @@ def ensure_builtin_model(path: Path | None = None) -> Path:
 
         print(f"pdserve: making the built-in tiny model in {path} ...", flush=True)
         make_model(path, arch="llama", shape="tiny", seed=0, overwrite=True)
+    add_chat_template(path)
     return path
+
+
+def add_chat_template(path: Path) -> None:
+    """Give a built-in model made before it had one the built-in chat template (tokenizer_config.json)."""
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "chat_template" not in cfg:
+        cfg["chat_template"] = CHAT_TEMPLATE
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

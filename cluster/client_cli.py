@@ -1,11 +1,15 @@
 """`pdserve generate` (talk to a running cluster through the SDK) and `pdserve demo` (bring one up, serve
-a few requests with streamed output, report TTFT and tokens/s, shut it down)."""
+a few requests with streamed output, report TTFT and tokens/s, one chat request over the OpenAI-compatible
+HTTP API with the curl line that sends it, shut it down)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shlex
 import time
+import urllib.request
 
 DEMO_PROMPTS = ["The history of the river", "In a small town by the sea,", "Once upon a time there was",
                 "The best way to learn is"]
@@ -48,6 +52,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_chat(url: str, body: dict) -> str:
+    """POST a chat completion (stdlib HTTP, as any client would); the reply's text."""
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)["choices"][0]["message"]["content"]
+
+
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
     from cluster.serve import add_up_args
 
@@ -65,6 +77,8 @@ async def _demo(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     if args.port is None:
         config = config.replace(port=0)
+    if args.http_port is None:
+        config = config.replace(http_port=0)
     cluster = await Cluster.start(config)
     try:
         with Client(cluster.address) as client:
@@ -81,6 +95,11 @@ async def _demo(args: argparse.Namespace) -> None:
         ttfts = sorted(r.ttft_s for r in results)
         print(f"[{len(results)} requests, {tokens} tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s; "
               f"TTFT median {ttfts[len(ttfts) // 2] * 1e3:.1f} ms, max {ttfts[-1] * 1e3:.1f} ms]", flush=True)
+        if cluster.http_url:
+            body = {"messages": [{"role": "user", "content": DEMO_PROMPTS[0]}], "max_tokens": 24, "temperature": 0}
+            print(f"\n>>> OpenAI-compatible HTTP API: curl {cluster.http_url}/v1/chat/completions "
+                  f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}", flush=True)
+            print(await asyncio.to_thread(_http_chat, cluster.http_url, body), flush=True)
     finally:
         print("pdserve: shutting down", flush=True)
         await cluster.shutdown()

@@ -52,6 +52,7 @@ class ClusterConfig:
     transport: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051  # router port; 0 picks a free one
+    http_port: int | None = 8000  # the router's OpenAI-compatible HTTP API and /metrics; 0 picks one, null: off
     redis_url: str | None = None  # None: start a private redis-server
     cluster_name: str = "default"
     policy: str = "least_loaded"
@@ -83,6 +84,8 @@ class ClusterConfig:
             raise ValueError(f"transport {self.transport!r} needs device 'cuda'")
         if not (0 <= self.port <= 65535):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be positive")
         if not (0.0 < self.gpus_per_worker <= 1.0):

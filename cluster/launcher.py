@@ -55,6 +55,12 @@ class Cluster:
     def address(self) -> str:
         return f"{self.config.host}:{self.router.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """The router's HTTP API base (`http://host:port`), None without one."""
+        port = self.router.http_port
+        return None if port is None else f"http://{self.config.host}:{port}"
+
     @functools.cached_property
     def transport(self) -> str:
         """The workers' KV transport: the config's, "auto" resolved for where Ray placed them (cuda_ipc needs
@@ -104,7 +110,8 @@ class Cluster:
             raise RuntimeError(f"Ray could not place {len(bundles)} workers ({config.gpus_per_worker:g} GPU + "
                                f"{config.cpus_per_worker:g} CPU each): {ray.available_resources()}") from None
         router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
-                                  reuse_port=n_routers > 1, cluster_name=config.cluster_name, mode=config.mode,
+                                  reuse_port=n_routers > 1, http_port=config.http_port,
+                                  cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,
                                   reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
         router = await serve(router_cfg)
@@ -121,7 +128,7 @@ class Cluster:
 
     async def _start_router_processes(self, n: int) -> None:
         """`n` more routers in child processes, on the port the first one bound (so port 0 works too)."""
-        child_cfg = dataclasses.replace(self.router.config, port=self.router.port)
+        child_cfg = dataclasses.replace(self.router.config, port=self.router.port, http_port=self.router.http_port)
         self.router_processes = [RouterProcess(child_cfg) for _ in range(n)]
         ports = await asyncio.gather(*(p.wait_ready() for p in self.router_processes), return_exceptions=True)
         for port in ports:

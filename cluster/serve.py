@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import sys
+import tempfile
 
 from cluster.cluster_config import MODES, TRANSPORTS, ClusterConfig
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +34,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS)
     parser.add_argument("--host", help="address to bind and advertise")
     parser.add_argument("--port", type=int, help="router port (0: pick a free one)")
+    parser.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API and /metrics (default 8000; 0: "
+                        "pick a free one)")
     parser.add_argument("--redis-url", help="existing Redis (default: start a private redis-server)")
     parser.add_argument("--policy", choices=("round_robin", "least_loaded", "prefix_aware"))
     parser.add_argument("--router-processes", type=int, help="router processes serving the port (SO_REUSEPORT; "
@@ -40,15 +48,35 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     return base.replace(model=args.model, device=args.device, mode=args.mode, prefill=args.prefill,
                         decode=args.decode, colocated=args.colocated, transport=args.transport, host=args.host,
-                        port=args.port, redis_url=args.redis_url, policy=args.policy,
+                        port=args.port, http_port=args.http_port, redis_url=args.redis_url, policy=args.policy,
                         router_processes=args.router_processes, gpus_per_worker=args.gpus_per_worker)
 
 
+def multiprocess_metrics(config: ClusterConfig) -> str | None:
+    """With several router processes, /metrics must sum them all: prometheus_client's multiprocess mode, in a
+    fresh directory, set before prometheus_client is first imported (it reads the variable at import). Returns
+    the directory this call made (to remove at the end), None if there is nothing to do or the user set one."""
+    if config.num_router_processes() < 2 or METRICS_DIR_ENV in os.environ:
+        return None
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(f"set {METRICS_DIR_ENV} before prometheus_client is imported to run several routers")
+    os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="pdserve-metrics-")
+    return os.environ[METRICS_DIR_ENV]
+
+
 async def serve_until_stopped(config: ClusterConfig) -> None:
+    metrics_dir = multiprocess_metrics(config)
     from cluster.launcher import Cluster
 
-    cluster = await Cluster.start(config)
+    try:
+        cluster = await Cluster.start(config)
+    except BaseException:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise
     print(f"pdserve: serving on {cluster.address} (Ctrl-C to stop)", flush=True)
+    if cluster.http_url:
+        print(f"pdserve: OpenAI API on {cluster.http_url}/v1, metrics on {cluster.http_url}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,6 +86,8 @@ async def serve_until_stopped(config: ClusterConfig) -> None:
     finally:
         print("pdserve: shutting down", flush=True)
         await cluster.shutdown()
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         print("pdserve: stopped", flush=True)
 
 

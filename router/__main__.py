@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, int]:
     p.add_argument("--redis-url", required=True, help="worker registry, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed at start)")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API and /metrics; 0 picks a "
+                   "free port (printed at start), -1: none")
     p.add_argument("--cluster-name", default="default")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--mode", choices=MODES, default="disaggregated",
@@ -34,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, int]:
     a = p.parse_args(argv)
     if a.processes < 1:
         p.error(f"--processes must be >= 1, got {a.processes}")
-    return RouterConfig(model_dir=a.model, redis_url=a.redis_url, host=a.host, port=a.port, reuse_port=a.processes > 1,
+    return RouterConfig(model_dir=a.model, redis_url=a.redis_url, host=a.host, port=a.port,
+                        reuse_port=a.processes > 1,
+                        http_port=None if a.http_port < 0 else a.http_port,
                         cluster_name=a.cluster_name, served_model_name=a.served_model_name, mode=a.mode,
                         policy=a.policy, max_queue=a.max_queue, max_model_len=a.max_model_len,
                         reserve_lease_ms=a.reserve_lease_ms,
@@ -46,10 +50,13 @@ async def _main(config: RouterConfig, processes: int) -> None:
     if processes > 1:
         check_port_free(config.host, config.port)
     router = await serve(config)
-    children = [RouterProcess(dataclasses.replace(config, port=router.port)) for _ in range(processes - 1)]
+    child = dataclasses.replace(config, port=router.port, http_port=router.http_port)
+    children = [RouterProcess(child) for _ in range(processes - 1)]
     try:
         await asyncio.gather(*(c.wait_ready() for c in children))
         print(f"pdserve router listening on {router.address} ({processes} processes)", flush=True)
+        if router.http_port is not None:
+            print(f"pdserve OpenAI API on http://{config.host}:{router.http_port}/v1", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,6 +23,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (see RouterServer.port)
     reuse_port: bool = False  # SO_REUSEPORT: several router processes serve this port (router.process)
+    http_port: int | None = None  # OpenAI-compatible HTTP and /metrics; None: none, 0: pick a free port
     cluster_name: str = "default"
     served_model_name: str | None = None  # None: the model directory's name
     mode: str = "disaggregated"  # which workers serve: prefill + decode pools, or colocated workers
@@ -53,6 +54,8 @@ class RouterConfig:
             raise ValueError("redis_url must be given")
         if not (0 <= self.port <= 65535):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if not self.cluster_name or "{" in self.cluster_name or "}" in self.cluster_name:
             raise ValueError(f"cluster_name must be non-empty and free of braces, got {self.cluster_name!r}")
         if self.mode not in MODES:

@@ -1,10 +1,10 @@
-"""The public gRPC endpoint: GenerateService, standard health (SERVING once the cluster has at least one
-prefill and one decode worker; in colocated mode, one colocated worker) and reflection, on grpc.aio."""
+"""The public endpoints: gRPC GenerateService, standard health (SERVING once the cluster has at least one
+prefill and one decode worker; in colocated mode, one colocated worker) and reflection, on grpc.aio; with
+`http_port`, the OpenAI-compatible HTTP endpoint (`router.http`) on the same event loop and request path."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import grpc
@@ -17,6 +17,8 @@ from router.channels import WorkerChannels
 from router.colocated import ColocatedOrchestrator
 from router.config import RouterConfig
 from router.errors import RouterError
+from router.http.server import HttpServer
+from router.metrics import RouterMetrics
 from router.model_info import ModelInfo
 from router.orchestrator import Orchestrator
 from router.policy import make_policy
@@ -50,13 +52,14 @@ async def _write(context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) ->
 class GenerateServicer(pb_grpc.GenerateServiceServicer):
     """Thin gRPC adapter over the Orchestrator: statuses out of RouterErrors, cleanup on cancel."""
 
-    def __init__(self, orchestrator: Orchestrator) -> None:
+    def __init__(self, orchestrator: Orchestrator, metrics: RouterMetrics) -> None:
         self.orch = orchestrator
+        self.metrics = metrics
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # A coroutine writing with context.write (not an async generator), so that when the client
         # cancels, `aclose()` runs the orchestrator's cleanup right away instead of at garbage collection.
-        responses = self.orch.generate(request, context.time_remaining)
+        responses = self.metrics.track(self.orch.generate(request, context.time_remaining))
         try:
             async for msg in responses:
                 if not await _write(context, msg):
@@ -90,21 +93,29 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
 
 
 class RouterServer:
-    """A running router; `port` is the bound port (useful with `RouterConfig.port=0`)."""
+    """A running router; `port` is the bound port (useful with `RouterConfig.port=0`), `http_port` the HTTP
+    endpoint's (None without one)."""
 
     def __init__(self, config: RouterConfig, server: grpc.aio.Server, port: int, orchestrator: Orchestrator,
-                 health_servicer: health.aio.HealthServicer) -> None:
+                 health_servicer: health.aio.HealthServicer, metrics: RouterMetrics) -> None:
         self.config = config
         self.server = server
         self.port = port
         self.orchestrator = orchestrator
+        self.metrics = metrics
+        self.http: HttpServer | None = None
         self._health = health_servicer
         self._health_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.serving = False
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def update_health(self) -> bool:
         """Poll the registry once, refreshing the orchestrator's worker view; SERVING iff a worker of each
@@ -123,23 +134,32 @@ class RouterServer:
         return serving
 
     async def _health_loop(self) -> None:
-        while True:
+        while not self._stopping:  # as well as the cancel: a registry call can swallow one
             await asyncio.sleep(self.config.health_interval_s)
             await self.update_health()
 
     async def start(self) -> None:
         await self.server.start()
+        if self.config.http_port is not None:
+            http = HttpServer(self.orchestrator, self.metrics, lambda: self.serving, self.config.host,
+                              self.config.http_port)
+            try:
+                await http.start()
+            except RuntimeError:
+                await self.server.stop(None)
+                raise
+            self.http = http
         await self.update_health()
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting requests, let running ones finish for `grace` seconds, then release everything."""
+        self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+            await asyncio.wait({self._health_task})
         await self._health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop()] if self.http is not None else []))
         await self.orchestrator.close()
         await self.orchestrator.channels.close()
         await self.orchestrator.registry.aclose()
@@ -156,7 +176,8 @@ async def serve(config: RouterConfig) -> RouterServer:
     orchestrator = flow(config, model, registry, WorkerChannels(),
                         make_policy(config.policy, config.prefix_load_slack))
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port))])
-    pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator), server)
+    metrics = RouterMetrics(model.name)
+    pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection is not None:
@@ -170,8 +191,12 @@ async def serve(config: RouterConfig) -> RouterServer:
     except RuntimeError as exc:
         await registry.aclose()
         raise RuntimeError(f"router cannot bind {config.host}:{config.port}: {exc}") from None
-    router = RouterServer(config, server, port, orchestrator, health_servicer)
-    await router.start()
-    log.info("router on %s: model %s, %s mode, policy %s, cluster %s", router.address, model.name, config.mode,
-             config.policy, config.cluster_name)
+    router = RouterServer(config, server, port, orchestrator, health_servicer, metrics)
+    try:
+        await router.start()
+    except RuntimeError:
+        await registry.aclose()
+        raise
+    log.info("router on %s (HTTP %s): model %s, %s mode, policy %s, cluster %s", router.address, router.http_port,
+             model.name, config.mode, config.policy, config.cluster_name)
     return router

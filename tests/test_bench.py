@@ -191,7 +191,7 @@ def test_client_process_that_cannot_connect_fails_the_run():
     from cluster.bench.serve_clients import ClientProcesses
 
     async def go():
-        procs = ClientProcesses("127.0.0.1:1", 1, timeout=2.0)
+        procs = ClientProcesses("grpc", "127.0.0.1:1", 1, timeout=2.0)
         try:
             await procs.start()
         finally:
@@ -268,7 +268,7 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
     from tests.cluster_harness import ClusterHarness
 
     harness = ClusterHarness(ClusterConfig(model=str(tiny_llama), prefill=1, decode=1, transport="grpc", port=0,
-                                           cluster_name="bench-serve",
+                                           http_port=0, cluster_name="bench-serve",
                                            engine=EngineOptions(num_kv_blocks=96, max_num_seqs=16)))
     try:
         rc = main(["bench", "serve", "--target", harness.address, "--model", str(tiny_llama),

@@ -35,7 +35,7 @@ def offline(tiny_llama):
 
 @pytest.fixture(scope="module", params=["gloo", "grpc"])
 def harness(request, ray_session, tiny_llama):
-    config = ClusterConfig(model=str(tiny_llama), prefill=2, decode=2, transport=request.param, port=0,
+    config = ClusterConfig(model=str(tiny_llama), prefill=2, decode=2, transport=request.param, port=0, http_port=0,
                            cluster_name=f"e2e-{request.param}", max_queue=48,
                            engine=EngineOptions(num_kv_blocks=96, max_num_seqs=32))
     h = ClusterHarness(config)

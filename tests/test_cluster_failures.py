@@ -43,7 +43,7 @@ def prompt(n: int, salt: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def harness(ray_session, tiny_llama):
-    config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=2, transport="gloo", port=0,
+    config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=2, transport="gloo", port=0, http_port=0,
                            cluster_name="failures", max_queue=MAX_QUEUE, reserve_lease_ms=10_000,
                            engine=EngineOptions(num_kv_blocks=POOL_BLOCKS, max_num_seqs=8, max_model_len=MAX_LEN))
     yield (h := ClusterHarness(config))

@@ -47,7 +47,7 @@ def offline_gpu(tiny_llama, gpu_ray):
 @pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
 def test_two_gpu_cluster_matches_offline(tiny_llama, offline_gpu, transport):
     config = ClusterConfig(model=str(tiny_llama), device="cuda", prefill=1, decode=1, transport=transport, port=0,
-                           cluster_name=f"gpu-{transport}", cpus_per_worker=2,
+                           http_port=0, cluster_name=f"gpu-{transport}", cpus_per_worker=2,
                            engine=EngineOptions(dtype="float32", num_kv_blocks=512, max_model_len=1024,
                                                 max_num_seqs=64))
     harness = ClusterHarness(config)

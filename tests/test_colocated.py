@@ -131,9 +131,10 @@ def test_router_colocated_cancel(make_cluster) -> None:  # type: ignore[no-untyp
 
 @pytest.fixture(scope="module")
 def harness(ray_session, tiny_llama):
-    config = ClusterConfig(model=str(tiny_llama), mode="colocated", colocated=2, port=0, cluster_name="colocated",
-                           max_queue=48, engine=EngineOptions(num_kv_blocks=96, max_num_seqs=32,
-                                                              enable_chunked_prefill=True, max_num_batched_tokens=64))
+    config = ClusterConfig(model=str(tiny_llama), mode="colocated", colocated=2, port=0, http_port=0,
+                           cluster_name="colocated", max_queue=48,
+                           engine=EngineOptions(num_kv_blocks=96, max_num_seqs=32, enable_chunked_prefill=True,
+                                                max_num_batched_tokens=64))
     h = ClusterHarness(config)
     yield h
     h.close()

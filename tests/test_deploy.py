@@ -130,11 +130,26 @@ def test_chart_renders_defaults(helm: tuple[Renderer, Callable[[], list[str]]]) 
     head = deployments["demo-pdserve-head"]["spec"]["template"]["spec"]["containers"][0]
     assert head["readinessProbe"]["grpc"]["port"] == config.port == head["startupProbe"]["grpc"]["port"]
     assert services["demo-pdserve"]["spec"]["ports"][0]["port"] == config.port
+    assert services["demo-pdserve"]["spec"]["ports"][1]["port"] == config.http_port == 8000  # OpenAI API, /metrics
+    assert {"name": "http", "containerPort": config.http_port} in head["ports"]
+    assert "prometheus.io/scrape" not in deployments["demo-pdserve-head"]["spec"]["template"]["metadata"]["annotations"]
+    assert "ServiceMonitor" not in {d["kind"] for d in docs}  # metrics scraping is off by default
     assert services["demo-pdserve-head"]["spec"]["publishNotReadyAddresses"] is True  # workers join before Ready
 
     worker = deployments["demo-pdserve-worker"]["spec"]
     assert worker["replicas"] == 2
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_chart_metrics_scraping(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    docs = helm[0]({"cluster": {"http_port": 9000},
+                    "metrics": {"annotations": True, "serviceMonitor": {"enabled": True}}})
+    pod = by_kind(docs, "Deployment")["demo-pdserve-head"]["spec"]["template"]["metadata"]["annotations"]
+    assert pod["prometheus.io/scrape"] == "true" and pod["prometheus.io/port"] == "9000"
+    monitor = by_kind(docs, "ServiceMonitor")["demo-pdserve"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    service = by_kind(docs, "Service")["demo-pdserve"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
 
 
 def test_chart_renders_cpu_cluster_with_external_redis(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:

@@ -245,7 +245,7 @@ def test_cluster_runs_as_a_ray_job(ray_head: RayHead) -> None:
     ray_head.ray("job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id,
                  "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--no-wait",
                  "--", "python", "-m", "cluster.serve", "--config", "deploy/examples/cpu.yaml", "--port", "0",
-                 "--host", "0.0.0.0")
+                 "--http-port", "0", "--host", "0.0.0.0")
 
     address = "127.0.0.1:" + wait_for_serving(ray_head, job_id).rsplit(":", 1)[1]
     t_serving = time.monotonic() - t0

@@ -74,8 +74,11 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from cluster.bench.serve_clients import default_client_processes
 
-    p.add_argument("--target", default="localhost:50051", help="router HOST:PORT")
-    p.add_argument("--model", help="local copy of the served model, to record its shape (optional)")
+    p.add_argument("--target", default="localhost:50051", help="router HOST:PORT (grpc), http://HOST:PORT (openai)")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="the SDK over gRPC, or the OpenAI-compatible HTTP API (streamed /v1/completions)")
+    p.add_argument("--model", help="local copy of the served model, to record its shape (optional; openai: the "
+                   "prompts' vocabulary, else token ids < 256)")
     _lengths(p, 1024, 128)
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--request-rate", default="inf", help="req/s, or a list for a sweep: 1,2,4,inf")

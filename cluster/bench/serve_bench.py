@@ -1,4 +1,5 @@
-"""`pdserve bench serve`: drive a running cluster through the SDK at one or more request rates.
+"""`pdserve bench serve`: drive a running cluster through the SDK (or, with `--backend openai`, its
+OpenAI-compatible HTTP API: `cluster.bench.openai_client`) at one or more request rates.
 
 Requests are random token-id prompts (ids in the served vocabulary) with `ignore_eos=True`, sent at the
 times of a gamma arrival process (`metrics.arrival_times`), optionally capped at `--max-concurrency` in
@@ -33,7 +34,7 @@ from cluster.bench.metrics import (
 )
 from cluster.bench.plots import plot_goodput, plot_latency_cdfs, rate_label
 from cluster.bench.report import metadata, run_dir, write_json
-from cluster.bench.serve_clients import ClientProcesses, Schedule, run_schedule, send_one
+from cluster.bench.serve_clients import ClientProcesses, Schedule, make_client, run_schedule, send_one
 from cluster.bench.workload import LengthSpec, parse_range, parse_rates, random_prompts
 
 
@@ -68,20 +69,19 @@ def request_rows(records: list[RequestRecord]) -> list[dict[str, Any]]:
 
 
 async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    from pdserve import AsyncClient
-
     slo = parse_slo(args.slo)
     rates = parse_rates(args.request_rate)
     lengths = LengthSpec(args.input_len, args.output_len, args.range_ratio, parse_range(args.input_range),
                          parse_range(args.output_range))
     async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(AsyncClient(args.target, timeout=args.request_timeout))
+        client = await stack.enter_async_context(make_client(args.backend, args.target, args.request_timeout))
         await client.wait_until_serving(timeout=args.connect_timeout)
         info = await client.server_info()
-        vocab = info.vocab_size
+        vocab = info.vocab_size  # openai: the served card's, else ids every tokenizer has (--model: the model's)
         meta = metadata("serve", args, None, args.model)
         if meta["model"]:
-            vocab = min(vocab, meta["model"]["vocab_size"])
+            model_vocab = meta["model"]["vocab_size"]
+            vocab = model_vocab if args.backend == "openai" else min(vocab, model_vocab)
         lengths.check_fits(info.max_model_len)
         pairs = lengths.sample(args.num_prompts, args.seed)
         out_lens = [o for _, o in pairs]
@@ -92,7 +92,7 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 raise RuntimeError(f"warm-up request failed: {rec.error}")
         processes = None
         if args.client_processes > 1:
-            processes = ClientProcesses(args.target, args.client_processes, args.request_timeout)
+            processes = ClientProcesses(args.backend, args.target, args.client_processes, args.request_timeout)
             stack.push_async_callback(processes.close)
             await processes.start()
         folder = run_dir(args.out, "serve")  # only once the cluster has answered

@@ -94,21 +94,30 @@ async def run_schedule(client: Any, schedule: Schedule, t0: float,
     return list(await asyncio.gather(*(launch(i) for i in range(len(s.prompts)))))
 
 
-def _client_main(target: str, timeout: float | None, conn: Connection, done: Any) -> None:
-    asyncio.run(_client_loop(target, timeout, conn, done))
+def make_client(backend: str, target: str, timeout: float | None) -> Any:
+    """The load generator's client: the gRPC SDK, or the same interface over the OpenAI HTTP API."""
+    if backend == "openai":
+        from cluster.bench.openai_client import OpenAIHttpClient
 
-
-async def _client_loop(target: str, timeout: float | None, conn: Connection, done: Any) -> None:
-    """One client process: connect, then per schedule: receive it, say so, wait for the start time, send it,
-    return the records. End of file on the pipe (the parent is gone) or None ends it."""
+        return OpenAIHttpClient(target, timeout=timeout)
     from pdserve import AsyncClient
 
+    return AsyncClient(target, timeout=timeout)
+
+
+def _client_main(backend: str, target: str, timeout: float | None, conn: Connection, done: Any) -> None:
+    asyncio.run(_client_loop(backend, target, timeout, conn, done))
+
+
+async def _client_loop(backend: str, target: str, timeout: float | None, conn: Connection, done: Any) -> None:
+    """One client process: connect, then per schedule: receive it, say so, wait for the start time, send it,
+    return the records. End of file on the pipe (the parent is gone) or None ends it."""
     def count() -> None:
         with done.get_lock():
             done.value += 1
 
     try:
-        async with AsyncClient(target, timeout=timeout) as client:
+        async with make_client(backend, target, timeout) as client:
             await client.server_info()  # the connection exists before any timed request
             conn.send(("ready", None))
             while (schedule := await asyncio.to_thread(conn.recv)) is not None:
@@ -122,9 +131,9 @@ async def _client_loop(target: str, timeout: float | None, conn: Connection, don
 
 
 class ClientProcesses:
-    """K spawned client processes, each with its own AsyncClient (own connection) to `target`."""
+    """K spawned client processes, each with its own client (own connection) to `target` (`make_client`)."""
 
-    def __init__(self, target: str, k: int, timeout: float | None = None) -> None:
+    def __init__(self, backend: str, target: str, k: int, timeout: float | None = None) -> None:
         if k < 1:
             raise ValueError(f"client processes must be >= 1, got {k}")
         ctx = mp.get_context("spawn")
@@ -133,7 +142,7 @@ class ClientProcesses:
         self._procs: list[Any] = []
         for _ in range(k):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_client_main, args=(target, timeout, theirs, self.done), daemon=True)
+            proc = ctx.Process(target=_client_main, args=(backend, target, timeout, theirs, self.done), daemon=True)
             proc.start()
             theirs.close()
             self._conns.append(mine)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from cluster.builtin_model import CHAT_TEMPLATE
 from cluster.engine.builtin_tokenizer import BOS, EOS, TOKENIZER_VOCAB, build_tokenizer  # noqa: F401 (re-export)
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -211,7 +212,7 @@ def make_model(out_dir: str | Path, arch: str = "llama", shape: str = "tiny", se
     tok.save_pretrained(out)
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     # Loadable by transformers 4.x; no unk token, else transformers 5 adds one past the vocab for qwen2.
-    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", unk_token=None)
+    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", unk_token=None, chat_template=CHAT_TEMPLATE)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
 
     num_params = _write_weights(out, config, seed, DTYPES[dtype], device, f"{arch}/{shape}")
