@@ -300,3 +300,26 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
         assert all(r["error"] is None and r["output_tokens"] == r["max_tokens"] for r in rows)
         assert [(r["prompt_len"], r["max_tokens"]) for r in rows] == planned  # merged back in schedule order
         assert met["total_output_tokens"] == sum(r["output_tokens"] for r in rows)
+
+
+def test_bench_engine_closed_loop(tiny_llama, tmp_path):
+    """--max-concurrency: never more than N in flight, every request whole, metrics as `bench serve` has them."""
+    rc = main(["bench", "engine", "--model", str(tiny_llama), "--num-prompts", "10", "--input-len", "12",
+               "--output-len", "6", "--max-concurrency", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    m = _one_json(tmp_path, "engine-*/result.json")["closed_loop"]
+    assert (m["max_concurrency"], m["completed"], m["failed"], m["total_output_tokens"]) == (3, 10, 0, 60)
+    assert 0 < m["ttft_ms"]["p50"] <= m["e2e_ms"]["p50"] and m["tpot_ms"]["p50"] > 0
+
+
+def test_closed_loop_keeps_concurrency(tiny_llama):
+    from cluster.bench.engine_closed_loop import run_closed_loop
+    from cluster.engine import LLM, SamplingParams
+
+    engine = LLM(str(tiny_llama), device="cpu").engine
+    prompts = [[5 + i, 6, 7] for i in range(7)]
+    records, wall = run_closed_loop(engine, prompts, [SamplingParams(max_tokens=4, ignore_eos=True)] * 7, 2)
+    spans = sorted((r.start, r.end) for r in records)
+    assert all(r.num_output_tokens == 4 and r.end is not None for r in records) and wall > 0
+    for t, _ in spans:  # at any request's start, at most 2 are in flight (itself included)
+        assert sum(1 for s, e in spans if s <= t < e) <= 2

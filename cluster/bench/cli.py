@@ -48,6 +48,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     _lengths(p, 128, 128)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--num-warmup-prompts", type=int, default=4)
+    p.add_argument("--max-concurrency", type=int, help="closed loop: this many in flight, each finished request "
+                   "replaced by the next (as `bench serve --max-concurrency`); default: all prompts at once")
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache budget on CPU")
     p.add_argument("--baseline", choices=("none", "transformers"), default="none")

@@ -3,7 +3,8 @@
 The workload is random token-id prompts (special tokens excluded) with `ignore_eos=True`, so every request
 produces exactly its requested number of tokens; greedy, or temperature sampling with per-request seeds.
 Engine construction and a warm-up generate on different prompts are not timed; the timed part is one
-`LLM.generate` over all prompts (CUDA events after a synchronize on GPUs).
+`LLM.generate` over all prompts (CUDA events after a synchronize on GPUs). With `--max-concurrency N` it is
+instead the closed loop of `bench serve --max-concurrency N`, in this process (`engine_closed_loop`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     dtype = llm.engine.dtype
     llm.generate(warm, [params(warm_tokens, i) for i in range(len(warm))])
     all_params = [params(n, i) for i, n in enumerate(out_lens)]
+    if args.max_concurrency:
+        return _closed_loop(args, llm, prompts, all_params, meta)
     outs, secs = DeviceTimer(device).time(lambda: llm.generate(prompts, all_params, use_tqdm=True))
     ours_counts = [len(o.token_ids) for o in outs]
     ours = {"engine_config": dict(vars(llm.engine.config)),
@@ -116,6 +119,20 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"problem: {problem}")
     return 1 if problems else 0
+
+
+def _closed_loop(args: argparse.Namespace, llm: Any, prompts: list[list[int]], params: list[Any],
+                 meta: dict[str, Any]) -> int:
+    from cluster.bench.engine_closed_loop import closed_loop_result
+
+    m = closed_loop_result(llm.engine, prompts, params, args.max_concurrency)
+    print(f"pdserve closed loop, concurrency {args.max_concurrency}: {m['completed']}/{m['num_requests']} ok, "
+          f"{m['output_token_throughput']:.1f} out tok/s | TTFT p50 {m['ttft_ms']['p50']:.1f} ms | "
+          f"TPOT p50 {m['tpot_ms']['p50']:.2f} ms | ITL p50 {m['itl_ms']['p50']:.2f} ms")
+    path = write_json(run_dir(args.out, "engine") / "result.json",
+                      {**meta, "engine_config": dict(vars(llm.engine.config)), "closed_loop": m})
+    print(f"wrote {path}")
+    return 0 if m["failed"] == 0 else 1
 
 
 def summary_lens(xs: list[int]) -> dict[str, float]:

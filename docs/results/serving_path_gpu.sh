@@ -58,9 +58,9 @@ for part in "$@"; do
     else up "$OUT/up-$part.log" --model $M1 --prefill 1 --decode 1 --gpus-per-worker 0.5 || continue; fi
     serve $part-inf --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
     serve $part-c64 --num-prompts 512 --input-len 512 --output-len 128 --max-concurrency 64
-    (sleep 6; profile $part) &
+    (sleep 6; profile $part; sleep 9) & PROF=$!
     serve $part-c256 --num-prompts 1024 --input-len 512 --output-len 128 --max-concurrency 256
-    wait
+    wait $PROF
     down ;;
   l8b)
     model $M8 llama-3.1-8b
