@@ -184,3 +184,57 @@ def test_server_info_says_colocated(harness):
         assert client.health() == "SERVING"
     assert (info.mode, info.num_prefill_workers, info.num_decode_workers, info.transport) == (
         "colocated", 2, 2, "none")
+
+
+def _attach(harness, router_id: str):  # type: ignore[no-untyped-def]
+    """A router's Attach stream to the first worker, by hand: (channel, stub, stream after its first message)."""
+    from pdserve.v1 import generate_pb2 as pb
+    from pdserve.v1 import worker_pb2_grpc
+
+    channel = grpc.insecure_channel(harness.cluster.worker_info[0]["address"])
+    stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    stream = stub.Attach(wpb.AttachRequest(router_id=router_id))
+    assert not next(stream).steps  # the empty first message: attached
+    sampling = pb.SamplingParams(max_tokens=8, temperature=0.0, top_k=-1, top_p=1.0, ignore_eos=True)
+    return channel, stub, stream, sampling
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60, func_only=True)
+def test_a_step_s_outputs_for_a_router_travel_in_one_message(harness):
+    channel, stub, stream, sampling = _attach(harness, "batch-test")
+    rids = [f"batched-{i}" for i in range(4)]
+    for i, rid in enumerate(rids):
+        stub.Generate(wpb.WorkerGenerateRequest(request_id=rid, token_ids=[5 + i, 6, 7, 8], sampling=sampling,
+                                                router_id="batch-test"), timeout=10)
+    tokens: dict[str, int] = dict.fromkeys(rids, 0)
+    finished: set[str] = set()
+    widest = 0
+    while finished != set(rids):
+        for step in next(stream).steps:
+            widest = max(widest, len(step.outputs))
+            for out in step.outputs:
+                tokens[out.request_id] += len(out.token_ids)
+                if out.finish_reason:
+                    assert out.finish_reason == "length"
+                    finished.add(out.request_id)
+    assert tokens == dict.fromkeys(rids, 8)
+    assert widest >= 2  # requests decoding together leave their step as one message
+    channel.close()
+    harness.wait_all_blocks_free()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60, func_only=True)
+def test_a_router_whose_stream_ends_has_its_requests_aborted(harness):
+    channel, stub, stream, sampling = _attach(harness, "gone-test")
+    sampling.max_tokens = 1000
+    stub.Generate(wpb.WorkerGenerateRequest(request_id="orphan", token_ids=[5, 6, 7], sampling=sampling,
+                                            router_id="gone-test"), timeout=10)
+    assert any(out.request_id == "orphan" for step in next(stream).steps for out in step.outputs)
+    with pytest.raises(grpc.RpcError) as exc:  # a Generate for a router without a stream is refused
+        stub.Generate(wpb.WorkerGenerateRequest(request_id="x", token_ids=[5], sampling=sampling), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    stream.cancel()
+    harness.wait_all_blocks_free(timeout_s=5)
+    channel.close()

@@ -139,6 +139,8 @@ def _print_rate(rate: float, m: dict[str, Any]) -> None:
           f"{m['request_throughput']:.2f} req/s, {m['output_token_throughput']:.1f} out tok/s | TTFT p50 "
           f"{m['ttft_ms']['p50']:.1f} p99 {m['ttft_ms']['p99']:.1f} ms | TPOT p50 {m['tpot_ms']['p50']:.2f} ms | "
           f"goodput {m['goodput']:.2f} req/s ({100 * m['slo_attainment']:.0f}% meet SLOs)")
+    for error, count in sorted(m["errors"].items(), key=lambda e: -e[1]):
+        print(f"  {count} x {error}")
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 # The serving path against the engine on one GPU (issue 13), every ratio from one run. From the repository root
 # on the GPU host, after `source .device/setup.sh`:
 #   bash docs/results/serving_path_gpu.sh OUTDIR PART...
-# PARTs: engine1b (bench engine + latency, 1B), colo1b (1 colocated worker, 1B), disagg1b (1P+1D on one GPU, 1B),
-#        l8b (8B colocated, 1024 in / 128 out, concurrency 64), rps (router req/s of (32 in, 8 out)).
+# PARTs: engine1b (bench engine: all at once and closed loops at 64 / 256; bench latency at B=64 / 256, 1B),
+#        colo1b (1 colocated worker, 1B), disagg1b (1P+1D on one GPU, 1B),
+#        l8b (8B: latency, closed loop and 1 colocated worker, 1024 in / 128 out, concurrency 64),
+#        rps (router req/s of (32 in, 8 out) for 30 s with 1 and 4 router processes; 2,048 concurrent streams).
 # `pdserve` is `python3 -m cluster.cli` there. py-spy samples the router, the worker's engine process and its
 # gRPC front end during a concurrency-256 run (colo1b, disagg1b).
 set -uo pipefail
@@ -51,6 +53,7 @@ for part in "$@"; do
     pd bench engine --model $M1 --device cuda --num-prompts 256 --input-len 512 --output-len 128 --seed 0 --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
     for b in 64 256; do
       pd bench latency --model $M1 --device cuda --batch-size $b --context-len 640 --steps 64 --prefill-len 512 --out "$OUT/latency" 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
+      pd bench engine --model $M1 --device cuda --num-prompts $((b * 4)) --input-len 512 --output-len 128 --seed 0 --max-concurrency $b --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
     done ;;
   colo1b|disagg1b)
     model $M1 llama-3.2-1b
@@ -65,13 +68,18 @@ for part in "$@"; do
   l8b)
     model $M8 llama-3.1-8b
     pd bench latency --model $M8 --device cuda --batch-size 64 --context-len 1152 --steps 64 --prefill-len 1024 --out "$OUT/latency" 2>&1 | tail -4 | tee -a "$OUT/summary.txt"
+    pd bench engine --model $M8 --device cuda --num-prompts 384 --input-len 1024 --output-len 128 --seed 0 --max-concurrency 64 --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
     up "$OUT/up-$part.log" --model $M8 --mode colocated --colocated 1 || continue
     serve $part-c64 --num-prompts 384 --input-len 1024 --output-len 128 --max-concurrency 64
     down ;;
   rps)
     model $M1 llama-3.2-1b
-    up "$OUT/up-$part.log" --model $M1 --mode colocated --colocated 1 || continue
-    serve $part --num-prompts 60000 --input-len 32 --output-len 8 --request-rate 2000
-    down ;;
+    for n in 1 4; do
+      up "$OUT/up-$part-$n.log" --model $M1 --mode colocated --colocated 1 --router-processes $n || continue
+      serve $part-$n --num-prompts 60000 --input-len 32 --output-len 8 --request-rate 2000 --client-processes 8
+      [ $n = 4 ] && serve streams2048 --num-prompts 4096 --input-len 32 --output-len 64 --max-concurrency 2048 --client-processes 8
+      grep -c "Too many connections" "$OUT/up-$part-$n.log" | sed "s/^/Redis 'Too many connections' lines in the log: /" | tee -a "$OUT/summary.txt"
+      down
+    done ;;
   esac
 done
