@@ -60,7 +60,7 @@ class PrefillServicer(WorkerServicerBase):
             assert first is not None
             out = first.output
             t_done = time.perf_counter()
-            handoff_ms = 0.0
+            handoff_ms, kv_bytes = 0.0, 0
             if out.finish_reason == FINISH_PREFILLED:
                 if len(dest.block_ids) == 0:
                     raise WorkerError("INVALID_ARGUMENT", "no KV destination blocks given")
@@ -75,6 +75,7 @@ class PrefillServicer(WorkerServicerBase):
                 except TransportError as e:
                     raise WorkerError("ABORTED", f"KV handoff to {dest.worker_id} failed: {e}") from None
                 handoff_ms = (time.perf_counter() - t_done) * 1e3  # what the prefill did not hide
+                kv_bytes = len(src) * self.loop.engine.kv_layout.bytes_per_block
         finally:
             if stream is not None and not delivered:  # cancelled, failed, or the first token ended it
                 self.submit_blocking(stream.abort)
@@ -86,7 +87,8 @@ class PrefillServicer(WorkerServicerBase):
             finish_reason=out.finish_reason if ended else "", text=out.text_delta if ended else "",
             timing=wpb.PrefillTiming(queue_ms=(first.step_started - t_submit) * 1e3,
                                      prefill_ms=(t_done - first.step_started) * 1e3,
-                                     kv_handoff_ms=handoff_ms, num_cached_tokens=out.num_cached_tokens))
+                                     kv_handoff_ms=handoff_ms, num_cached_tokens=out.num_cached_tokens,
+                                     kv_bytes=kv_bytes))
         if out.logprobs:
             reply.first_logprobs.CopyFrom(logprobs_to_proto(token, out.logprobs[0]))
         return reply

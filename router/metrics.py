@@ -70,6 +70,7 @@ class RouterMetrics:
                                  REQUEST_BUCKETS).labels(m)
         self.handoff = histogram("kv_handoff_time_seconds", "KV push into the decode worker's reservation",
                                  LATENCY_BUCKETS).labels(m)
+        self.handoff_bytes = counter("kv_handoff_bytes", "KV bytes pushed from prefill to decode workers").labels(m)
         self.handoff_failures = counter("kv_handoff_failures", "Requests aborted by a failed KV handoff").labels(m)
         self.success = counter("request_success", "Finished requests by finish reason", ("finished_reason",))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests").labels(m)
@@ -107,6 +108,7 @@ class RouterMetrics:
         self.prefill.observe(t.prefill_ms / 1e3)
         if final.decode_worker and final.decode_worker != final.prefill_worker:  # KV moved between workers
             self.handoff.observe(t.kv_handoff_ms / 1e3)
+            self.handoff_bytes.inc(t.kv_handoff_bytes)
         self.success.labels(m, final.finish_reason).inc()
         self.prompt_tokens.inc(u.prompt_tokens)
         self.generation_tokens.inc(u.completion_tokens)

@@ -171,7 +171,8 @@ class Orchestrator:
         yield pb.GenerateResponse(request_id=rid, delta=first)
         pt = prefilled.timing
         timing = pb.Timing(queue_ms=ms_since(t0, t_prefill) + pt.queue_ms, prefill_ms=pt.prefill_ms,
-                           kv_handoff_ms=pt.kv_handoff_ms, ttft_ms=ttft_ms, placement_ms=ms_since(t0, t_prefill))
+                           kv_handoff_ms=pt.kv_handoff_ms, ttft_ms=ttft_ms, placement_ms=ms_since(t0, t_prefill),
+                           kv_handoff_bytes=pt.kv_bytes)
         usage = pb.Usage(prompt_tokens=len(v.token_ids), completion_tokens=1,
                          cached_prompt_tokens=pt.num_cached_tokens)
         final = pb.Final(usage=usage, timing=timing, prefill_worker=pinfo.worker_id,

@@ -114,7 +114,7 @@ def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def test_metrics_match_what_clients_received(url: str, oc: openai.OpenAI, model: str) -> None:
+def test_metrics_match_what_clients_received(url: str, oc: openai.OpenAI, model: str, tiny_llama) -> None:
     m = (("model_name", model),)
     before = _samples(url)
     got = [oc.completions.create(model=model, prompt=p, max_tokens=3 + i, temperature=0)
@@ -129,6 +129,15 @@ def test_metrics_match_what_clients_received(url: str, oc: openai.OpenAI, model:
     assert delta("pdserve:generation_tokens_total") == sum(r.usage.completion_tokens for r in got)
     assert delta("pdserve:prompt_tokens_total") == sum(r.usage.prompt_tokens for r in got)
     assert delta("pdserve:kv_handoff_time_seconds_count") == sum(r.usage.completion_tokens > 1 for r in got)
+    import torch
+
+    from cluster.engine.kv_layout import KVLayout
+    from cluster.engine.models.loader import read_model_spec
+
+    spec = read_model_spec(str(tiny_llama))
+    per_block = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, torch.float32).bytes_per_block
+    moved = sum(-(-r.usage.prompt_tokens // 16) for r in got if r.usage.completion_tokens > 1)  # whole blocks
+    assert delta("pdserve:kv_handoff_bytes_total") == moved * per_block > 0
 
     def idle() -> bool:
         usage = [v for (name, _), v in _samples(url).items() if name == "pdserve:kv_cache_usage_perc"]

@@ -5,6 +5,7 @@
 # PARTs: engine1b (bench engine: all at once and closed loops at 64 / 256; bench latency at B=64 / 256, 1B),
 #        colo1b (1 colocated worker, 1B), disagg1b (1P+1D on one GPU, 1B),
 #        l8b (8B: latency, closed loop and 1 colocated worker, 1024 in / 128 out, concurrency 64),
+#        http1b (1 colocated worker, 1B, 256 x (512, 128) at rate inf through gRPC and through the OpenAI HTTP API),
 #        rps (router req/s of (32 in, 8 out) for 30 s with 1 and 4 router processes; 2,048 concurrent streams).
 # `pdserve` is `python3 -m cluster.cli` there. py-spy samples the router, the worker's engine process and its
 # gRPC front end during a concurrency-256 run (colo1b, disagg1b).
@@ -71,6 +72,14 @@ for part in "$@"; do
     pd bench engine --model $M8 --device cuda --num-prompts 384 --input-len 1024 --output-len 128 --seed 0 --max-concurrency 64 --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
     up "$OUT/up-$part.log" --model $M8 --mode colocated --colocated 1 || continue
     serve $part-c64 --num-prompts 384 --input-len 1024 --output-len 128 --max-concurrency 64
+    down ;;
+  http1b)
+    model $M1 llama-3.2-1b
+    up "$OUT/up-$part.log" --model $M1 --mode colocated --colocated 1 --http-port 8000 || continue
+    for i in 1 2; do
+      serve $part-grpc-$i --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
+      serve $part-openai-$i --backend openai --target http://127.0.0.1:8000 --model $M1 --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
+    done
     down ;;
   rps)
     model $M1 llama-3.2-1b

@@ -88,7 +88,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("queue_ms", "prefill_ms", "kv_handoff_ms", "first_decode_step_ms", "ttft_ms", "total_ms", "placement_ms")
+    __slots__ = ("queue_ms", "prefill_ms", "kv_handoff_ms", "first_decode_step_ms", "ttft_ms", "total_ms", "placement_ms", "kv_handoff_bytes")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_MS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class Timing(_message.Message):
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_HANDOFF_BYTES_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     prefill_ms: float
     kv_handoff_ms: float
@@ -103,7 +104,8 @@ class Timing(_message.Message):
     ttft_ms: float
     total_ms: float
     placement_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_handoff_ms: _Optional[float] = ..., first_decode_step_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., placement_ms: _Optional[float] = ...) -> None: ...
+    kv_handoff_bytes: int
+    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_handoff_ms: _Optional[float] = ..., first_decode_step_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., placement_ms: _Optional[float] = ..., kv_handoff_bytes: _Optional[int] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("finish_reason", "usage", "timing", "prefill_worker", "decode_worker")

@@ -57,16 +57,18 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParams, _Mapping]] = ..., dest: _Optional[_Union[KVDestination, _Mapping]] = ...) -> None: ...
 
 class PrefillTiming(_message.Message):
-    __slots__ = ("queue_ms", "prefill_ms", "kv_handoff_ms", "num_cached_tokens")
+    __slots__ = ("queue_ms", "prefill_ms", "kv_handoff_ms", "num_cached_tokens", "kv_bytes")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     KV_HANDOFF_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     prefill_ms: float
     kv_handoff_ms: float
     num_cached_tokens: int
-    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_handoff_ms: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_handoff_ms: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("first_token_id", "first_logprobs", "timing", "worker_id", "finish_reason", "text")
