@@ -34,8 +34,7 @@ class ColocatedOrchestrator(Orchestrator):
         if not workers:
             raise RouterError(grpc.StatusCode.UNAVAILABLE,
                               f"no colocated workers are registered in cluster {cfg.cluster_name!r}")
-        req = wpb.WorkerGenerateRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling_to_proto(v.sampling),
-                                        router_id=self.sessions.router_id)
+        sampling = sampling_to_proto(v.sampling)
         t_call = time.perf_counter()
 
         async def generate(info: WorkerInfo, step: str) -> tuple[WorkerSession, RequestStream]:
@@ -43,6 +42,8 @@ class ColocatedOrchestrator(Orchestrator):
             anything, so the next one can still be tried."""
             session = await self.sessions.get(info)
             stream = session.open(rid)
+            req = wpb.WorkerGenerateRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling,
+                                            router_id=session.router_id)
             try:
                 await self.channels.stub(info.address).Generate(
                     req, timeout=self._timeout(cfg.prefill_timeout_s, time_remaining))

@@ -200,7 +200,7 @@ class Orchestrator:
             try:
                 await self.channels.stub(dinfo.address).Decode(
                     wpb.DecodeRequest(request_id=v.request_id, token_ids=v.token_ids, first_token_id=first_token,
-                                      sampling=sampling, router_id=self.sessions.router_id),
+                                      sampling=sampling, router_id=session.router_id),
                     timeout=time_remaining())
             except grpc.aio.AioRpcError as err:
                 raise worker_error(err, step) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 
@@ -61,6 +62,7 @@ class WorkerSession:
 
     def __init__(self, channels: WorkerChannels, info: WorkerInfo, router_id: str) -> None:
         self.info = info
+        self.router_id = router_id  # what the worker knows this stream by: requests for it name it
         self._call = channels.stub(info.address).Attach(wpb.AttachRequest(router_id=router_id))
         self._streams: dict[str, RequestStream] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -121,10 +123,12 @@ class WorkerSession:
 
 
 class WorkerSessions:
-    """One session per worker, attached on first use; `router_id` names this router to the workers."""
+    """One session per worker, attached on first use. Each session has an id of its own (this router's id and
+    a count), so a stream attached anew never meets the worker's leftovers of the one before."""
 
     def __init__(self, channels: WorkerChannels, attach_timeout_s: float = 5.0) -> None:
         self.router_id = uuid.uuid4().hex
+        self._count = itertools.count()
         self._channels = channels
         self._timeout = attach_timeout_s
         self._sessions: dict[str, WorkerSession] = {}
@@ -144,7 +148,7 @@ class WorkerSessions:
         return await asyncio.shield(task)
 
     async def _attach(self, key: str, info: WorkerInfo) -> WorkerSession:
-        session = WorkerSession(self._channels, info, self.router_id)
+        session = WorkerSession(self._channels, info, f"{self.router_id}-{next(self._count)}")
         await session.start(self._timeout)
         self._sessions[key] = session
         return session
