@@ -238,3 +238,37 @@ def test_a_router_whose_stream_ends_has_its_requests_aborted(harness):
     stream.cancel()
     harness.wait_all_blocks_free(timeout_s=5)
     channel.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90, func_only=True)
+def test_a_dead_front_end_is_replaced_and_the_worker_serves_again(harness):
+    import os
+    import signal
+
+    import psutil
+    from pdserve.v1 import worker_pb2_grpc
+
+    from cluster.registry import Registry
+
+    registry = Registry(harness.cluster.redis_url, "colocated")
+    info = next(w for w, _ in registry.list_workers() if w.worker_id == "colocated-0")
+    port = int(info.address.rsplit(":", 1)[1])
+    pid = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
+    assert "cluster.worker.frontend" in " ".join(psutil.Process(pid).cmdline())
+    os.kill(pid, signal.SIGKILL)
+
+    def moved() -> bool:
+        return any(w.worker_id == "colocated-0" and w.address != info.address for w, _ in registry.list_workers())
+
+    wait_for(moved, timeout=30, what="the worker did not re-register with a new front end")
+    new = next(w for w, _ in registry.list_workers() if w.worker_id == "colocated-0")
+    with Client(harness.address) as client:
+        results = [client.generate(f"after {i}", max_tokens=4, temperature=0) for i in range(6)]
+    assert all(len(r.token_ids) == 4 for r in results)
+    with grpc.insecure_channel(new.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        assert stub.GetStats(wpb.StatsRequest(), timeout=5).worker_id == "colocated-0"
+        wait_for(lambda: (s := stub.GetStats(wpb.StatsRequest(), timeout=5)).free_kv_blocks == s.total_kv_blocks,
+                 timeout=10, what="blocks still held")
+    registry.close()

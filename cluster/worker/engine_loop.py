@@ -106,6 +106,17 @@ class EngineLoop:
 
         return self.call(do_abort)
 
+    def abort_routed(self) -> Future[int]:
+        """Abort every routed request (the front end that carried their streams is gone); returns how many."""
+
+        def do_abort(engine: LLMEngine) -> int:
+            rids = list(self._routes)
+            for rid in rids:
+                self._abort(engine, rid)
+            return len(rids)
+
+        return self.call(do_abort)
+
     def _abort(self, engine: LLMEngine, request_id: str) -> bool:
         found = engine.abort(request_id)
         out = StepOutput(request_id, [], "", True, FINISH_ABORT)

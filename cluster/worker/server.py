@@ -38,6 +38,7 @@ class WorkerServer:
         self.loop: EngineLoop | None = None
         self.servicer: WorkerServicerBase | None = None
         self._frontend: FrontendLink | None = None
+        self._restarting: asyncio.Future[None] | None = None
         self._registry: AsyncRegistry | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._blocks_freed = asyncio.Event()
@@ -50,7 +51,7 @@ class WorkerServer:
         engine = await asyncio.to_thread(LLMEngine, self._engine_config())
         self.loop = EngineLoop(engine)
         self.servicer = await self.servicer_cls.create(cfg, self.worker_id, self.loop)
-        self._frontend = FrontendLink(self.servicer, self.loop, cfg.host)
+        self._frontend = FrontendLink(self.servicer, self.loop, cfg.host, on_lost=self._frontend_lost)
         port = await self._frontend.start()
         self.address = f"{cfg.host}:{port}"
         stats = self.loop.stats
@@ -75,6 +76,25 @@ class WorkerServer:
         if self.config.role == "decode":
             return dataclasses.replace(self.config.engine, enable_prefix_caching=False)
         return self.config.engine
+
+    def _frontend_lost(self) -> None:
+        """The front end process died: abort what its streams carried, start another, re-register there."""
+        assert self.loop is not None
+        self.loop.abort_routed()
+        self._restarting = asyncio.ensure_future(self._restart_frontend())
+
+    async def _restart_frontend(self) -> None:
+        assert self._frontend is not None and self._registry is not None and self._info is not None
+        try:
+            port = await self._frontend.start()
+        except Exception:
+            log.exception("worker %s: its gRPC front end could not be restarted; leaving the cluster", self.worker_id)
+            await self._registry.deregister(self.worker_id)
+            return
+        self.address = f"{self.config.host}:{port}"
+        self._info = dataclasses.replace(self._info, address=self.address)
+        await self._registry.register(self._info, self._ttl, self._load())
+        log.warning("worker %s: gRPC front end restarted on %s", self.worker_id, self.address)
 
     @property
     def _ttl(self) -> float:
@@ -121,6 +141,8 @@ class WorkerServer:
     async def stop(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._restarting is not None:
+            self._restarting.cancel()
         if self._registry is not None:
             with contextlib.suppress(Exception):
                 await self._registry.deregister(self.worker_id)
