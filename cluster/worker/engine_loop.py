@@ -95,22 +95,12 @@ class EngineLoop:
         "abort"."""
         return self.call(lambda engine: self._abort(engine, request_id))
 
-    def abort_router(self, router_id: str) -> Future[int]:
-        """Abort every request routed to `router_id` (its stream is gone); returns how many."""
+    def abort_routed(self, router_id: str | None = None) -> Future[int]:
+        """Abort every request routed to `router_id` (its stream is gone), or with None every routed request
+        (the front end that carried their streams is gone); returns how many."""
 
         def do_abort(engine: LLMEngine) -> int:
-            rids = [rid for rid, r in self._routes.items() if r == router_id]
-            for rid in rids:
-                self._abort(engine, rid)
-            return len(rids)
-
-        return self.call(do_abort)
-
-    def abort_routed(self) -> Future[int]:
-        """Abort every routed request (the front end that carried their streams is gone); returns how many."""
-
-        def do_abort(engine: LLMEngine) -> int:
-            rids = list(self._routes)
+            rids = [rid for rid, r in self._routes.items() if router_id is None or r == router_id]
             for rid in rids:
                 self._abort(engine, rid)
             return len(rids)

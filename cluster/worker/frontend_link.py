@@ -147,7 +147,7 @@ class FrontendLink:
             if task is not None:
                 task.cancel()
         elif kind == "router_gone":
-            self.engine_loop.abort_router(msg[1])
+            self.engine_loop.abort_routed(msg[1])
 
     async def _call(self, call_id: int, method: str, request: bytes) -> None:
         try:
