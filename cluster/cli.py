@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def _make_model(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -73,6 +73,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     """A usage mistake is one line on stderr (the flag and why), not the whole usage block."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        """Options without help text still show their default in `--help`."""
+        default = kwargs.get("default")
+        if "help" not in kwargs and not any(default is v for v in (None, False, argparse.SUPPRESS)):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def pyplot() -> Any:
+    """matplotlib's pyplot on a file-only backend; the bench extra when it is missing."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise RuntimeError("plots need matplotlib: pip install 'pdserve[bench]' (or pip install matplotlib)") from None
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -32,7 +36,7 @@ def _x_positions(rates: Sequence[float]) -> list[float]:
 
 def plot_goodput(points: Sequence[dict[str, Any]], path: Path, target: float = 0.9) -> Path:
     """Goodput (req/s) and SLO attainment (%) against the offered request rate."""
-    plt = _pyplot()
+    plt = pyplot()
     pts = sorted(points, key=lambda p: p["rate"])
     rates = [p["rate"] for p in pts]
     xs = _x_positions(rates)
@@ -60,7 +64,7 @@ def plot_goodput(points: Sequence[dict[str, Any]], path: Path, target: float = 0
 
 def plot_latency_cdfs(per_rate: dict[str, dict[str, list[float]]], path: Path) -> Path:
     """Empirical CDFs of TTFT and TPOT (ms), one line per rate: {rate label: {'ttft_ms': [...], 'tpot_ms': [...]}}."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "TPOT")):
         for label, data in per_rate.items():
