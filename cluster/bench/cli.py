@@ -18,7 +18,7 @@ _RUNNERS = {
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for results (default: bench-results/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (bench serve: none, fresh prompts each run)")
 
 
 def _local_model(p: argparse.ArgumentParser) -> None:
@@ -77,6 +77,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     from cluster.bench.serve_clients import default_client_processes
     from cluster.client_cli import DEFAULT_TARGET
 
+    p.set_defaults(seed=None)  # fresh prompts per run (see run_serve_bench)
     p.add_argument("--target", default=DEFAULT_TARGET, help="router HOST:PORT (grpc), http://HOST:PORT (openai)")
     p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
                    help="the SDK over gRPC, or the OpenAI-compatible HTTP API (streamed /v1/completions)")
