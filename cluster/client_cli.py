@@ -86,6 +86,9 @@ async def _demo(args: argparse.Namespace) -> None:
     if args.http_port is None:
         config = config.replace(http_port=0)
     cluster = await Cluster.start(config)
+    if config.model is None:
+        print(f"pdserve: the built-in model ({cluster.model_dir}) has random weights: its text is noise; the demo "
+              "shows the serving path (--model DIR serves a real checkpoint)", flush=True)
     try:
         with Client(cluster.address) as client:
             for prompt in DEMO_PROMPTS[:2]:

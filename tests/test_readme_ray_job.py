@@ -6,20 +6,42 @@ that head through RAY_ADDRESS. Then the SDK gets completions and `ray job stop` 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.test_ray_job import MARKER, REPO, RayHead, _dashboard_up, _free_ports, stop_head, wait_for_serving
+from tests.test_ray_job import MARKER, REPO, RayHead, _free_ports, stop_head, wait_for_serving
 
 pytestmark = [pytest.mark.slow]
 VENV_BIN = REPO / ".venv" / "bin"
+
+
+class TokenRayHead(RayHead):
+    """A head with token authentication: its REST API wants the token, as `Authorization: Bearer`."""
+
+    def get(self, path: str) -> Any:
+        token = (Path(self.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+        req = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as reply:
+            return json.load(reply)
+
+    def up(self) -> bool:
+        try:
+            return bool(self.get("/api/version"))
+        except (OSError, ValueError):
+            return False
+
+    def job_info(self, job_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/api/jobs/{job_id}"))
 
 
 def readme_ray_lines() -> list[str]:
@@ -51,10 +73,10 @@ def test_readme_ray_job_commands_serve_completions() -> None:
         proc = subprocess.Popen(["bash", "-c", f"{auth}\nexec {start}{isolation}"], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    head = RayHead(proc, temp, f"http://127.0.0.1:{dash}", {**env, "RAY_AUTH_MODE": "token"}, home.name)
+    head = TokenRayHead(proc, temp, f"http://127.0.0.1:{dash}", {**env, "RAY_AUTH_MODE": "token"}, home.name)
     try:
         end = time.monotonic() + 120
-        while not _dashboard_up(head.dashboard):
+        while not head.up():
             assert proc.poll() is None and time.monotonic() < end, (temp / "head.log").read_text()[-4000:]
             time.sleep(1)
         assert (home / ".ray" / "auth_token").is_file()
