@@ -1,11 +1,14 @@
 """Checks that run before Ray and Redis start, so a user mistake costs a second and one line, not a minute
 and a remote traceback: the model directory (config.json and tokenizer files readable and consistent), the
-device, the ports. Each failure is a `ValueError` naming the file, key or flag and what to do."""
+device (for a private Ray on this machine; a Ray cluster's driver may have no GPU), the ports; and once Ray is
+up, that it offers the resources the workers ask. Each failure is a `ValueError` naming the file, key or flag
+and what to do."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ def check(config: ClusterConfig) -> None:
     """Everything about `config` that can be known without starting anything."""
     if config.model is not None:
         check_model_dir(config.model)
-    check_device(config.device)
+    if not (config.ray_address or os.environ.get("RAY_ADDRESS")):  # a Ray cluster's GPUs: check_ray_fits
+        check_device(config.device)  # the workers run here, in a private Ray
     check_port_free_for("--port / port:", config.host, config.port)
     if config.http_port is not None:
         check_port_free_for("--http-port / http_port:", config.host, config.http_port)

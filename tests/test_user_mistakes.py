@@ -146,3 +146,12 @@ def test_ray_without_gpus_names_the_flag_that_fixes_it() -> None:
     with pytest.raises(ValueError, match="Ray offers 1 CPUs"):
         check_ray_fits(ClusterConfig(), {"CPU": 1.0, "GPU": 2.0})
     check_ray_fits(ClusterConfig(gpus_per_worker=0.5), {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_device_is_checked_here_only_for_a_private_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray cluster's driver (the Helm head pod) may have no GPU: there Ray's resources are what counts."""
+    from cluster.cluster_config import ClusterConfig
+    from cluster.preflight import check
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    check(ClusterConfig(device="cuda", port=0, http_port=0))
