@@ -11,13 +11,14 @@ import shlex
 import time
 import urllib.request
 
+DEFAULT_TARGET = "127.0.0.1:50051"  # `pdserve up`'s router with its defaults
 DEMO_PROMPTS = ["The history of the river", "In a small town by the sea,", "Once upon a time there was",
                 "The best way to learn is"]
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="router address")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="router address")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
@@ -46,9 +47,14 @@ def _stream_one(client, prompt: str, max_tokens: int, temperature: float, seed: 
 
 def run_generate(args: argparse.Namespace) -> int:
     from pdserve import Client
+    from pdserve.errors import UnavailableError
 
-    with Client(args.target) as client:
-        _stream_one(client, args.prompt, args.max_tokens, args.temperature, args.seed, args.timeout)
+    try:
+        with Client(args.target) as client:
+            _stream_one(client, args.prompt, args.max_tokens, args.temperature, args.seed, args.timeout)
+    except UnavailableError as e:
+        raise RuntimeError(f"--target {args.target}: no cluster answers there ({e}); start one with `pdserve up` "
+                           "or point --target at its router") from None
     return 0
 
 
@@ -80,6 +86,9 @@ async def _demo(args: argparse.Namespace) -> None:
     if args.http_port is None:
         config = config.replace(http_port=0)
     cluster = await Cluster.start(config)
+    if config.model is None:
+        print(f"pdserve: the built-in model ({cluster.model_dir}) has random weights: its text is noise; the demo "
+              "shows the serving path (--model DIR serves a real checkpoint)", flush=True)
     try:
         with Client(cluster.address) as client:
             for prompt in DEMO_PROMPTS[:2]:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from cluster.config import EngineConfig, EngineOptions
+from cluster.config_schema import check_types
 from cluster.worker.config import NO_TRANSPORT
 from router.config import MODES
 
@@ -134,23 +135,38 @@ class ClusterConfig:
         return "nccl" if self.gpus_per_worker == 1.0 else "grpc"  # nccl cannot join two ranks on one GPU
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
+    def from_dict(cls, data: dict[str, Any], where: str = "cluster config") -> ClusterConfig:
+        """Built from parsed YAML: unknown keys and values of the wrong type are errors naming `where`."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown cluster config keys: {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        check_types(cls, data, where)
         engine = data.get("engine") or {}
+        if not isinstance(engine, dict):
+            raise ValueError(f"{where}: `engine` must be a mapping of engine options, got {engine!r}")
         eknown = {f.name for f in dataclasses.fields(EngineOptions)}
         if set(engine) - eknown:
-            raise ValueError(f"unknown engine keys: {sorted(set(engine) - eknown)}; known: {sorted(eknown)}")
-        return cls(**{**data, "engine": EngineOptions(**engine)})
+            raise ValueError(f"{where}: unknown engine keys {sorted(set(engine) - eknown)}; known: {sorted(eknown)}")
+        check_types(EngineOptions, engine, f"{where}, engine")
+        try:
+            return cls(**{**data, "engine": EngineOptions(**engine)})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=str(path))
 
     def replace(self, **changes: Any) -> ClusterConfig:
         """A copy with the given non-None fields changed (CLI flags over the file)."""

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster import preflight, stop_signals
 from cluster.builtin_model import ensure_builtin_model
 from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
@@ -24,7 +25,7 @@ from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
-from router.process import RouterProcess, check_port_free
+from router.process import RouterProcess
 from router.server import RouterServer, serve
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,12 @@ class Cluster:
 
     @classmethod
     async def start(cls, config: ClusterConfig, progress: bool = True) -> Cluster:
+        preflight.check(config)  # before anything starts (with SO_REUSEPORT a second bind would not even fail)
         import ray
         from ray.util.placement_group import placement_group
 
         say = print if progress else (lambda *a, **k: None)
         n_routers = config.num_router_processes()
-        if n_routers > 1:  # before anything starts: with SO_REUSEPORT the bind itself would not fail
-            check_port_free(config.host, config.port)
         model_dir = config.model or str(ensure_builtin_model())
         started_ray = False
         if not ray.is_initialized():
@@ -96,6 +96,8 @@ class Cluster:
                 ray.init(address="local", num_cpus=max(2, int(n * config.cpus_per_worker) + 1), num_gpus=gpus,
                          include_dashboard=False, log_to_driver=False)
             started_ray = True
+            stop_signals.reclaim()  # ray.init takes SIGTERM (exit, or abort in its C++ handler)
+        preflight.check_ray_fits(config, ray.cluster_resources())  # else the placement group waits in vain
         redis = None
         redis_url = config.redis_url
         if not redis_url:

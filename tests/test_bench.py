@@ -89,7 +89,7 @@ def test_goodput_and_attainment_count_failures():
     assert out["output_token_throughput"] == pytest.approx(44 / 2)
     assert out["errors"] == {"DeadlineExceededError: late": 1}
     assert out["tpot_ms"]["p50"] == pytest.approx(10.0) and out["ttft_ms"]["max"] == pytest.approx(900.0)
-    assert m.serve_metrics(records, 2.0, {})["num_good"] == 4  # no SLO: every completed request is good
+    assert m.serve_metrics(records, 2.0, {})["num_good"] is None  # no SLO: no claim about good requests
     for bad in ("ttft=abc", "foo_ms=3", "ttft_ms=-1", "ttft_ms"):
         with pytest.raises(ValueError):
             m.parse_slo(bad)
@@ -274,10 +274,21 @@ def test_bench_serve_sweep_against_a_local_cluster(ray_session, tiny_llama, tmp_
         rc = main(["bench", "serve", "--target", harness.address, "--model", str(tiny_llama),
                    "--num-prompts", "12", "--request-rate", "20,inf", "--input-range", "8,24",
                    "--output-range", "4,10", "--slo", "ttft_ms=20000,tpot_ms=5000", "--max-concurrency", "8",
-                   "--num-warmups", "1", "--client-processes", "2", "--out", str(tmp_path)])
+                   "--num-warmups", "1", "--client-processes", "2", "--out", str(tmp_path), "--seed", "0"])
+        # The same prompts again (--seed 0), no --slo: no goodput claim; the prefix cache's share is counted.
+        again = tmp_path / "again"
+        rc_again = main(["bench", "serve", "--target", harness.address, "--model", str(tiny_llama),
+                         "--num-prompts", "12", "--request-rate", "20,inf", "--input-range", "8,24",
+                         "--output-range", "4,10", "--max-concurrency", "8", "--num-warmups", "1",
+                         "--out", str(again), "--seed", "0"])
     finally:
         harness.close()
-    assert rc == 0
+    assert rc == 0 and rc_again == 0
+    (rerun,) = again.glob("serve-*")
+    resummary = json.loads((rerun / "summary.json").read_text())
+    assert resummary["max_rate_meeting_slo_target"] is None
+    assert all(p["goodput"] is None and p["slo_attainment"] is None for p in resummary["rates"])
+    assert all(p["cached_prompt_tokens"] > 0 for p in resummary["rates"]), resummary["rates"]
     (run,) = tmp_path.glob("serve-*")
     assert {p.name for p in run.iterdir()} == {"rate-20.json", "rate-inf.json", "summary.json", "goodput.png",
                                                 "latency_cdf.png"}
@@ -323,3 +334,27 @@ def test_closed_loop_keeps_concurrency(tiny_llama):
     assert all(r.num_output_tokens == 4 and r.end is not None for r in records) and wall > 0
     for t, _ in spans:  # at any request's start, at most 2 are in flight (itself included)
         assert sum(1 for s, e in spans if s <= t < e) <= 2
+
+
+def test_no_slo_means_no_goodput_and_cached_tokens_are_counted():
+    rec = m.RequestRecord(prompt_len=32, max_tokens=2, start=0.0, delta_times=[0.1, 0.2], num_output_tokens=2,
+                          end=0.2, cached_prompt_tokens=16)
+    out = m.serve_metrics([rec], 1.0, {})
+    assert out["goodput"] is None and out["slo_attainment"] is None and out["num_good"] is None
+    assert out["cached_prompt_tokens"] == 16 and out["cached_prompt_fraction"] == pytest.approx(0.5)
+    assert m.serve_metrics([rec], 1.0, {"ttft_ms": 1000})["goodput"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("with_slo", [True, False])
+def test_goodput_plot_axes_start_at_zero_with_the_legend_off_the_axes(with_slo):
+    from cluster.bench.plots import goodput_figure, pyplot
+
+    points = [{"rate": r, "request_throughput": 1.96 + r / 100, "goodput": 2.0 if with_slo else None,
+               "slo_attainment": 0.95 if with_slo else None} for r in (1.0, 2.0, float("inf"))]
+    fig = goodput_figure(points)
+    try:
+        assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+        assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends  # the figure's, below the axes
+        assert len(fig.axes) == (2 if with_slo else 1)
+    finally:
+        pyplot().close(fig)

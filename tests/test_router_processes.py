@@ -91,7 +91,7 @@ def test_cluster_with_router_processes_refuses_a_taken_port_before_starting_anyt
         other.bind(("127.0.0.1", 0))
         other.listen()
         config = ClusterConfig(model=str(tiny_llama), port=other.getsockname()[1], router_processes=2)
-        with pytest.raises(RuntimeError, match="router cannot bind"):
+        with pytest.raises(ValueError, match="--port / port: .*router cannot bind"):
             asyncio.run(Cluster.start(config, progress=False))
 
 

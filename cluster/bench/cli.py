@@ -18,7 +18,7 @@ _RUNNERS = {
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for results (default: bench-results/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (bench serve: none, fresh prompts each run)")
 
 
 def _local_model(p: argparse.ArgumentParser) -> None:
@@ -75,8 +75,10 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from cluster.bench.serve_clients import default_client_processes
+    from cluster.client_cli import DEFAULT_TARGET
 
-    p.add_argument("--target", default="localhost:50051", help="router HOST:PORT (grpc), http://HOST:PORT (openai)")
+    p.set_defaults(seed=None)  # fresh prompts per run (see run_serve_bench)
+    p.add_argument("--target", default=DEFAULT_TARGET, help="router HOST:PORT (grpc), http://HOST:PORT (openai)")
     p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
                    help="the SDK over gRPC, or the OpenAI-compatible HTTP API (streamed /v1/completions)")
     p.add_argument("--model", help="local copy of the served model, to record its shape (optional; openai: the "
@@ -157,7 +159,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
              ("blocks", "how fragmented handoff block ids get under churn (the cuda_ipc copy path), no GPU",
               _blocks_args))
     for name, help_text, add in specs:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=parser.formatter_class)
         add(p)
         _common(p)
 

@@ -166,10 +166,9 @@ async def _compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot(report: dict[str, Any], path: Any, target: float) -> None:
-    import matplotlib
+    from cluster.bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     slo, tbt = report["slo"], report["slo_tbt"]
     views = (("slo_attainment", f"TTFT<={slo['ttft_ms']:.0f} ms, mean TPOT<={slo['tpot_ms']:.1f} ms"),

@@ -72,6 +72,7 @@ class RequestRecord:
     end: float | None = None
     error: str | None = None
     server_ms: dict[str, float] | None = None  # SERVER_KEYS from the final message's timing
+    cached_prompt_tokens: int | None = None  # prompt tokens served from the prefix cache (final usage), if told
 
     @property
     def ok(self) -> bool:
@@ -153,6 +154,7 @@ def serve_metrics(records: Sequence[RequestRecord], duration_s: float, slo: dict
             key = (r.error or "no tokens").split("\n")[0][:200]
             errors[key] = errors.get(key, 0) + 1
     dur = max(duration_s, 1e-9)
+    cached = [r.cached_prompt_tokens for r in done if r.cached_prompt_tokens is not None]
     return {
         "num_requests": len(records), "completed": len(done), "failed": len(records) - len(done),
         "errors": errors, "duration_s": duration_s,
@@ -163,9 +165,14 @@ def serve_metrics(records: Sequence[RequestRecord], duration_s: float, slo: dict
         "itl_ms": summarize(ms(x for r in done for x in r.itls)), "tbt_ms": summarize(ms(r.tbt for r in done)),
         "e2e_ms": summarize(ms(r.e2e for r in done)),
         "server_ms": {k: summarize([r.server_ms[k] for r in done if r.server_ms]) for k in SERVER_KEYS},
-        "slo": dict(slo), "num_good": len(good),
-        "slo_attainment": slo_attainment(records, slo),
-        "goodput": len(good) / dur,
+        # None when the server does not say (openai backend); else prompt tokens the prefix cache served
+        "cached_prompt_tokens": sum(cached) if cached else None,
+        "cached_prompt_fraction": sum(cached) / max(1, sum(r.prompt_len for r in done if
+                                                           r.cached_prompt_tokens is not None)) if cached else None,
+        # No SLO, no goodput: every request would "meet" an empty SLO, whatever its latency.
+        "slo": dict(slo), "num_good": len(good) if slo else None,
+        "slo_attainment": slo_attainment(records, slo) if slo else None,
+        "goodput": len(good) / dur if slo else None,
     }
 
 

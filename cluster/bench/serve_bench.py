@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import sys
 import time
 from pathlib import Path
@@ -115,8 +116,9 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             cdfs[rate_label(rate)] = {k: [x[k] for x in request_rows(records) if x[k] is not None]
                                       for k in ("ttft_ms", "tpot_ms")}
             _print_rate(rate, m)
-    best = max_rate_meeting([(p["rate"], p["slo_attainment"]) for p in points], args.slo_target)
-    summary = {**common, "rates": points, "slo_target": args.slo_target, "max_rate_meeting_slo_target": best}
+    best = max_rate_meeting([(p["rate"], p["slo_attainment"]) for p in points], args.slo_target) if slo else None
+    summary = {**common, "seed": args.seed, "rates": points, "slo_target": args.slo_target,
+               "max_rate_meeting_slo_target": best}
     write_json(folder / "summary.json", summary)
     plot_goodput(points, folder / "goodput.png", args.slo_target)
     plot_latency_cdfs(cdfs, folder / "latency_cdf.png")
@@ -125,7 +127,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
 def sweep_point(rate: float, m: dict[str, Any]) -> dict[str, Any]:
     """The per-rate line of summary.json: rate, goodput, attainment, throughputs, latency percentiles."""
-    keys = ("goodput", "slo_attainment", "request_throughput", "output_token_throughput", "completed", "failed")
+    keys = ("goodput", "slo_attainment", "request_throughput", "output_token_throughput", "completed", "failed",
+            "cached_prompt_tokens", "cached_prompt_fraction")
     point: dict[str, Any] = {"rate": rate, **{k: m[k] for k in keys}}
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "tbt_ms", "e2e_ms"):
         point.update({f"{name}_{q}": m[name][q] for q in ("mean", "p50", "p90", "p99")})
@@ -137,8 +140,11 @@ def sweep_point(rate: float, m: dict[str, Any]) -> dict[str, Any]:
 def _print_rate(rate: float, m: dict[str, Any]) -> None:
     print(f"rate {rate_label(rate)}: {m['completed']}/{m['num_requests']} ok, {m['failed']} failed, "
           f"{m['request_throughput']:.2f} req/s, {m['output_token_throughput']:.1f} out tok/s | TTFT p50 "
-          f"{m['ttft_ms']['p50']:.1f} p99 {m['ttft_ms']['p99']:.1f} ms | TPOT p50 {m['tpot_ms']['p50']:.2f} ms | "
-          f"goodput {m['goodput']:.2f} req/s ({100 * m['slo_attainment']:.0f}% meet SLOs)")
+          f"{m['ttft_ms']['p50']:.1f} p99 {m['ttft_ms']['p99']:.1f} ms | TPOT p50 {m['tpot_ms']['p50']:.2f} ms"
+          + (f" | goodput {m['goodput']:.2f} req/s ({100 * m['slo_attainment']:.0f}% meet SLOs)" if m["slo"] else "")
+          + ("" if m["cached_prompt_tokens"] is None else
+             f" | {m['cached_prompt_tokens']} prompt tokens from the prefix cache "
+             f"({100 * m['cached_prompt_fraction']:.0f}%)"))
     for error, count in sorted(m["errors"].items(), key=lambda e: -e[1]):
         print(f"  {count} x {error}")
 
@@ -151,13 +157,19 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         raise ValueError("--client-processes must be >= 1")
     from pdserve import PdserveError
 
+    if args.seed is None:  # fresh prompts, so a second run does not hit the prefix cache the first one filled
+        args.seed = random.SystemRandom().randrange(2**31)
+        print(f"seed {args.seed} (fresh prompts; --seed {args.seed} draws these again)")
     try:
         summary, folder = asyncio.run(_sweep(args))
     except (PdserveError, RuntimeError) as exc:
         print(f"pdserve bench serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     best = summary["max_rate_meeting_slo_target"]
-    print(f"highest rate with >= {100 * args.slo_target:g}% of requests meeting the SLOs: "
-          f"{'none' if best is None else rate_label(best)}")
+    if not summary["slo"]:
+        print("no goodput and no highest rate: they need latency targets to meet (e.g. --slo ttft_ms=500,tpot_ms=50)")
+    else:
+        print(f"highest rate with >= {100 * args.slo_target:g}% of requests meeting the SLOs: "
+              f"{'none' if best is None else rate_label(best)}")
     print(f"wrote {folder}")
     return 1 if any(p["failed"] for p in summary["rates"]) else 0

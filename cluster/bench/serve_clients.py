@@ -43,6 +43,8 @@ async def send_one(client: Any, prompt: list[int], max_tokens: int, temperature:
                     rec.num_output_tokens += len(delta.token_ids)
                 if delta.timing is not None:
                     rec.server_ms = {k: getattr(delta.timing, k) for k in SERVER_KEYS}
+                if (usage := getattr(delta, "usage", None)) is not None:
+                    rec.cached_prompt_tokens = usage.cached_prompt_tokens
         rec.end = time.perf_counter()
         if rec.num_output_tokens != max_tokens:
             rec.error = f"got {rec.num_output_tokens} tokens, asked for {max_tokens} with ignore_eos"

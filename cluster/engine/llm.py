@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
+import torch
 from tqdm import tqdm
 
 from cluster.config import EngineConfig
@@ -21,7 +22,10 @@ class LLM:
     Keyword arguments are `EngineConfig` fields (block_size, num_kv_blocks, max_num_seqs, ...).
     """
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", **engine_kwargs: object) -> None:
+    def __init__(self, model: str, device: str = "cpu", dtype: str | torch.dtype = "auto",
+                 **engine_kwargs: object) -> None:
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
         self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -1,7 +1,7 @@
 """pdserve client SDK and the pdserve.v1 gRPC contract (generated code in `pdserve.v1`).
 
     from pdserve import Client
-    with Client("localhost:50051") as c:
+    with Client("127.0.0.1:50051") as c:
         print(c.generate("Hello", max_tokens=8, temperature=0).text)
 """
 
