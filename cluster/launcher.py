@@ -113,7 +113,8 @@ class Cluster:
                                   reuse_port=n_routers > 1, http_port=config.http_port,
                                   cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,
-                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
+                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
+                                  queue_timeout_s=config.queue_timeout_s)
         router = await serve(router_cfg)
         cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
         try:

@@ -26,6 +26,7 @@ from pdserve.v1 import worker_pb2 as wpb
 from cluster.prefix_hash import chain_block_hashes
 from cluster.registry import AsyncRegistry, Placement, WorkerInfo, WorkerLoad
 from cluster.wire import sampling_to_proto
+from router.admission import Admission
 from router.channels import WorkerChannels
 from router.config import RouterConfig
 from router.errors import RouterError, worker_error
@@ -85,6 +86,7 @@ class Orchestrator:
         self.sessions = WorkerSessions(channels)  # the workers' output streams to this router
         self.view = WorkerView(registry)  # refreshed by the router's health loop; no request lists workers
         self._inflight: set[str] = set()
+        self.admission = Admission(self._capacity, config.max_queue, config.queue_timeout_s)
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
@@ -102,9 +104,7 @@ class Orchestrator:
                        time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
         """Yield the client's responses; raises RouterError with the status to return."""
         t0 = time.perf_counter()
-        if len(self._inflight) >= self.config.max_queue:
-            raise RouterError(Code.RESOURCE_EXHAUSTED, f"router queue is full ({len(self._inflight)} requests "
-                                                       f"in flight, max_queue={self.config.max_queue})")
+        self.admission.check_room()  # before any work: an overloaded router must refuse cheaply
         if len(req.text) > 4096:  # keep long tokenizations off the event loop
             v = await asyncio.to_thread(validate, req, self.model)
         else:
@@ -114,12 +114,24 @@ class Orchestrator:
         self._inflight.add(v.request_id)
         run = RequestRun(v.request_id)
         try:
-            async for msg in self._run(v, run, t0, time_remaining):
-                yield msg
+            async with self.admission.admit(self._cost(v), time_remaining):
+                async for msg in self._run(v, run, t0, time_remaining):
+                    yield msg
         finally:
             self._inflight.discard(v.request_id)
             if not run.finished:  # in the background: the client's status must not wait for a dead worker
                 self._spawn(self._cleanup(run))
+
+    def _capacity(self) -> int:
+        """KV blocks in the pools that hold running requests (decode or colocated workers), per the view."""
+        role = self.config.serving_roles[-1]
+        return sum(w.total_kv_blocks for w, _ in self.view.workers if w.role == role)
+
+    def _cost(self, v: ValidRequest) -> int:
+        """The KV blocks a request needs to run to its end (prompt + max_tokens)."""
+        sizes = [w.block_size for w, _ in self.view.workers]
+        block_size = sizes[0] if sizes else 16
+        return -(-(len(v.token_ids) + v.sampling.max_tokens) // block_size)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:  # tracked, so close() waits for it
         task = asyncio.ensure_future(coro)
