@@ -28,10 +28,13 @@ Code = grpc.StatusCode
 
 
 class Admission:
-    """Admitted requests' blocks against `capacity()` (blocks in the serving pools), a FIFO of waiters."""
+    """Admitted requests' costs against `capacity()` (blocks in the serving pools), a FIFO of waiters. The
+    same gate with a cost of 1 and a capacity in slots bounds the requests in the prefill stage."""
 
-    def __init__(self, capacity: Callable[[], int], max_queue: int, queue_timeout_s: float) -> None:
+    def __init__(self, capacity: Callable[[], int], max_queue: int, queue_timeout_s: float,
+                 unit: str = "KV blocks") -> None:
         self._capacity = capacity
+        self.unit = unit  # what `capacity` counts, for the reasons
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.admitted = 0  # requests running
@@ -94,7 +97,7 @@ class Admission:
 
     def _timed_out(self, cost: int, limit: float) -> str:
         return (f"no capacity within {limit:g}s (queue_timeout_s={self.queue_timeout_s:g}): {self.admitted} "
-                f"requests running hold {self.blocks} of {self._capacity()} KV blocks, this one needs {cost}, "
+                f"requests running hold {self.blocks} of {self._capacity()} {self.unit}, this one needs {cost}, "
                 f"{len(self._waiting)} waiting")
 
     def _pump(self) -> None:

@@ -43,6 +43,7 @@ class RouterConfig:
     prefix_load_slack: int = 8  # prefix_aware: prefer the cache holder unless it has this much more load
     health_interval_s: float = 1.0  # registry poll for the health status
     queue_timeout_s: float = 10.0  # longest wait for admission (router.admission) before RESOURCE_EXHAUSTED
+    prefill_slots_per_worker: int = 8  # requests per prefill worker between decode reservation and prefill end
 
     @property
     def serving_roles(self) -> tuple[str, ...]:
@@ -77,5 +78,7 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_decode_attempts < 1 or self.max_prefill_attempts < 1:
             raise ValueError("max_decode_attempts and max_prefill_attempts must be >= 1")
+        if self.prefill_slots_per_worker < 1:
+            raise ValueError(f"prefill_slots_per_worker must be >= 1, got {self.prefill_slots_per_worker}")
         if self.prefix_load_slack < 0:
             raise ValueError(f"prefix_load_slack must be >= 0, got {self.prefix_load_slack}")

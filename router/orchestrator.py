@@ -1,4 +1,7 @@
-"""The request path: validate -> reserve KV on a decode worker -> prefill (pushes KV) -> stream decode.
+"""The request path: validate -> admit -> wait for a prefill slot -> reserve KV on a decode worker -> prefill
+(pushes KV) -> stream decode. Admission (`router.admission`) runs a request only while its blocks fit the
+pools; the prefill stage (the same gate, `prefill_slots_per_worker` per prefill worker) holds a request
+before its reservation, so a decode worker's blocks are not held by prompts still queueing for prefill.
 
 The registry costs a request two round trips: `place` (decode worker + its blocks, prompt workers in the
 policy's order + inflight) at the start, `release` (all of it) once the prompt worker is done; the worker
@@ -40,6 +43,7 @@ from router.worker_view import WorkerView
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Code = grpc.StatusCode
+_ROOM_RETRY_S = 0.05  # a full decode worker is asked again this often (its heartbeat period is 0.5 s)
 
 
 @dataclass
@@ -87,6 +91,10 @@ class Orchestrator:
         self.view = WorkerView(registry)  # refreshed by the router's health loop; no request lists workers
         self._inflight: set[str] = set()
         self.admission = Admission(self._capacity, config.max_queue, config.queue_timeout_s)
+        # Requests between their decode reservation and the end of their prefill: a few per prefill worker,
+        # so decode blocks are reserved when the prefill is about to run, not while the prompt queues.
+        self.prefill_stage = Admission(self._prefill_slots, config.max_queue, config.queue_timeout_s,
+                                       unit="prefill slots")
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
@@ -127,6 +135,10 @@ class Orchestrator:
         role = self.config.serving_roles[-1]
         return sum(w.total_kv_blocks for w, _ in self.view.workers if w.role == role)
 
+    def _prefill_slots(self) -> int:
+        n = sum(w.role == "prefill" for w, _ in self.view.workers)
+        return n * self.config.prefill_slots_per_worker
+
     def _cost(self, v: ValidRequest) -> int:
         """The KV blocks a request needs to run to its end (prompt + max_tokens)."""
         sizes = [w.block_size for w, _ in self.view.workers]
@@ -166,16 +178,17 @@ class Orchestrator:
             missing = " and ".join(r for r, ws in (("prefill", prefills), ("decode", decodes)) if not ws)
             raise RouterError(Code.UNAVAILABLE, f"no {missing} workers are registered in cluster "
                                                 f"{cfg.cluster_name!r}")
-        dinfo, reserved = await self._reserve(v, decodes, run, time_remaining)
-        lease_end = time.perf_counter() + cfg.reserve_lease_ms / 1000.0
-        dest = wpb.KVDestination(worker_id=dinfo.worker_id, transport=reserved.transport or dinfo.transport,
-                                 transport_endpoint=reserved.transport_endpoint or dinfo.transport_endpoint,
-                                 block_ids=reserved.block_ids)
         sampling = sampling_to_proto(v.sampling)
-        t_prefill = time.perf_counter()
-        pinfo, prefilled = await self._prefill(
-            v, prefills, wpb.PrefillRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling, dest=dest),
-            run, _earliest(lease_end, time_remaining))
+        async with self.prefill_stage.admit(1, time_remaining):  # no decode blocks held while it waits here
+            dinfo, reserved = await self._reserve_when_room(v, decodes, run, time_remaining)
+            lease_end = time.perf_counter() + cfg.reserve_lease_ms / 1000.0
+            dest = wpb.KVDestination(worker_id=dinfo.worker_id, transport=reserved.transport or dinfo.transport,
+                                     transport_endpoint=reserved.transport_endpoint or dinfo.transport_endpoint,
+                                     block_ids=reserved.block_ids)
+            t_prefill = time.perf_counter()
+            pinfo, prefilled = await self._prefill(
+                v, prefills, wpb.PrefillRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling, dest=dest),
+                run, _earliest(lease_end, time_remaining))
         first = pb.Delta(token_ids=[prefilled.first_token_id], text=prefilled.text)
         if prefilled.HasField("first_logprobs"):
             first.logprobs.append(prefilled.first_logprobs)
@@ -220,6 +233,25 @@ class Orchestrator:
                 yield delta
         finally:
             session.close(v.request_id)
+
+    async def _reserve_when_room(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]],
+                                 run: RequestRun, time_remaining: Callable[[], float | None]
+                                 ) -> tuple[WorkerInfo, wpb.ReserveReply]:
+        """`_reserve`, tried again while no decode worker has room yet, up to `queue_timeout_s`: admission
+        counts blocks exactly, but the registry sees blocks freed only at the worker's next heartbeat. A
+        prompt larger than every decode worker's pool is refused at once."""
+        n_blocks = -(-len(v.token_ids) // decodes[0][0].block_size)
+        fits = any(n_blocks <= w.total_kv_blocks for w, _ in decodes)
+        end = time.perf_counter() + self.config.queue_timeout_s
+        while True:
+            try:
+                return await self._reserve(v, decodes, run, time_remaining)
+            except RouterError as err:
+                left = time_remaining()
+                if (err.code != Code.RESOURCE_EXHAUSTED or not fits or time.perf_counter() + _ROOM_RETRY_S > end
+                        or (left is not None and left < _ROOM_RETRY_S)):
+                    raise
+            await asyncio.sleep(_ROOM_RETRY_S)
 
     async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                        time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
