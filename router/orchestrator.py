@@ -43,6 +43,7 @@ from router.worker_view import WorkerView
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Code = grpc.StatusCode
+_REUSE_GRACE_S = 0.5  # beyond the Cancel timeout, how long a reused request id waits for its old request
 _ROOM_RETRY_S = 0.05  # a full decode worker is asked again this often (its heartbeat period is 0.5 s)
 
 
@@ -66,6 +67,7 @@ class RequestRun:
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
     finished: bool = False
     held: Held | None = None  # registry counters taken and not yet released
+    freeing: bool = False  # a cleanup was started while the request still ran (it frees the id)
 
 
 def _earliest(end: float, time_remaining: Callable[[], float | None]) -> Callable[[], float]:
@@ -89,7 +91,7 @@ class Orchestrator:
         self.policy = policy
         self.sessions = WorkerSessions(channels)  # the workers' output streams to this router
         self.view = WorkerView(registry)  # refreshed by the router's health loop; no request lists workers
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, asyncio.Future[None]] = {}  # ids in use -> done once freed on every worker
         self.admission = Admission(self._capacity, config.max_queue, config.queue_timeout_s)
         # Requests between their decode reservation and the end of their prefill: a few per prefill worker,
         # so decode blocks are reserved when the prefill is about to run, not while the prompt queues.
@@ -117,18 +119,34 @@ class Orchestrator:
             v = await asyncio.to_thread(validate, req, self.model)
         else:
             v = validate(req, self.model)
-        if v.request_id in self._inflight:
-            raise RouterError(Code.ALREADY_EXISTS, f"request_id {v.request_id!r} is already in flight")
-        self._inflight.add(v.request_id)
+        await self._claim(v.request_id)
         run = RequestRun(v.request_id)
         try:
             async with self.admission.admit(self._cost(v), time_remaining):
                 async for msg in self._run(v, run, t0, time_remaining):
                     yield msg
         finally:
-            self._inflight.discard(v.request_id)
             if not run.finished:  # in the background: the client's status must not wait for a dead worker
                 self._spawn(self._cleanup(run))
+            elif not run.freeing:  # (else the cleanup under way frees the id)
+                self._free_id(v.request_id)
+
+    async def _claim(self, request_id: str) -> None:
+        """Take the request id. An id still in use (its request ending, or its workers being told to free
+        it) is waited for, up to a Cancel's timeout and a little more: an id is reusable as soon as the client
+        has cancelled it. ALREADY_EXISTS if it is still in use then."""
+        end = time.perf_counter() + self.config.cancel_timeout_s + _REUSE_GRACE_S
+        while (held := self._inflight.get(request_id)) is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(held), max(0.0, end - time.perf_counter()))
+            except TimeoutError:
+                raise RouterError(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight") from None
+        self._inflight[request_id] = asyncio.get_running_loop().create_future()
+
+    def _free_id(self, request_id: str) -> None:
+        held = self._inflight.pop(request_id, None)
+        if held is not None and not held.done():
+            held.set_result(None)
 
     def _capacity(self) -> int:
         """KV blocks in the pools that hold running requests (decode or colocated workers), per the view."""
@@ -204,6 +222,7 @@ class Orchestrator:
         if prefilled.finish_reason:  # the first token ended it: no KV was pushed, free the reservation
             final.finish_reason = prefilled.finish_reason
             final.decode_worker = ""
+            run.freeing = True  # the id stays taken until the decode worker has freed it
             self._spawn(self._cleanup(run))
         else:
             async for delta in self._decode(v, dinfo, sampling, prefilled.first_token_id, run, final,
@@ -395,7 +414,13 @@ class Orchestrator:
             log.warning("registry bookkeeping failed: %s", exc)
 
     async def _cleanup(self, run: RequestRun) -> None:
-        """Tell every worker involved to free the request (idempotent)."""
+        """Tell every worker involved to free the request (idempotent); then its id is free again."""
+        try:
+            await self._cancel_everywhere(run)
+        finally:
+            self._free_id(run.request_id)
+
+    async def _cancel_everywhere(self, run: RequestRun) -> None:
         await self._release(run)  # normally released already, where it was taken
         req = wpb.CancelRequest(request_id=run.request_id)
 

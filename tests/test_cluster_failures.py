@@ -73,6 +73,23 @@ def test_cancel_mid_stream_frees_kv_on_both_sides(harness):
     assert_freed_early(harness, times)
 
 
+@pytest.mark.timeout(90, func_only=True)
+def test_request_id_is_reusable_right_after_its_cancel(harness):
+    """The router keeps an id until the workers have freed it, and a request reusing it waits for that."""
+    with Client(harness.address) as client:
+        for i in range(20):  # cancelled while queued, in prefill, in the handoff, decoding
+            stream = client.generate_stream(prompt(600, 100 + i), request_id="reused-id", max_tokens=1200,
+                                            temperature=0.0, ignore_eos=True)
+            time.sleep(i % 5 * 0.03)
+            if i % 5 == 4:
+                next(stream)
+            stream.close()
+            result = client.generate(prompt(24, 100 + i), request_id="reused-id", max_tokens=4, temperature=0.0,
+                                     ignore_eos=True, timeout=20)
+            assert len(result.token_ids) == 4
+    harness.wait_all_blocks_free()
+
+
 @pytest.mark.timeout(60, func_only=True)
 def test_deadline_expiry_frees_kv(harness):
     times: list[float] = []
