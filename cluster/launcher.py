@@ -22,6 +22,7 @@ from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
+from cluster.supervisor import RedisSupervisor
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
 from router.process import RouterProcess, check_port_free
@@ -50,6 +51,7 @@ class Cluster:
     placement_group: Any = None
     redis: RedisServer | None = None
     started_ray: bool = False
+    supervisor: RedisSupervisor | None = None  # restarts the private redis-server if it dies
 
     @property
     def address(self) -> str:
@@ -116,7 +118,8 @@ class Cluster:
                                   reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
                                   queue_timeout_s=config.queue_timeout_s)
         router = await serve(router_cfg)
-        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
+        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray,
+                      supervisor=RedisSupervisor(redis).start() if redis is not None else None)
         try:
             await cluster._start_router_processes(n_routers - 1)
             await cluster._start_workers()
@@ -217,6 +220,8 @@ class Cluster:
         if self.placement_group is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.placement_group)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.redis is not None:
             self.redis.stop()
         if self.started_ray:
