@@ -260,15 +260,18 @@ class Orchestrator:
         counts blocks exactly, but the registry sees blocks freed only at the worker's next heartbeat. A
         prompt larger than every decode worker's pool is refused at once."""
         n_blocks = -(-len(v.token_ids) // decodes[0][0].block_size)
-        fits = any(n_blocks <= w.total_kv_blocks for w, _ in decodes)
         end = time.perf_counter() + self.config.queue_timeout_s
         while True:
             try:
                 return await self._reserve(v, decodes, run, time_remaining)
             except RouterError as err:
+                live = [w for w, _ in self.view.workers if w.role == "decode"]  # the view as of now
+                if err.code == Code.RESOURCE_EXHAUSTED and not live:
+                    raise RouterError(Code.UNAVAILABLE, f"no decode workers are live in cluster "
+                                                        f"{self.config.cluster_name!r}") from None
                 left = time_remaining()
-                if (err.code != Code.RESOURCE_EXHAUSTED or not fits or time.perf_counter() + _ROOM_RETRY_S > end
-                        or (left is not None and left < _ROOM_RETRY_S)):
+                if (err.code != Code.RESOURCE_EXHAUSTED or not any(n_blocks <= w.total_kv_blocks for w in live)
+                        or time.perf_counter() + _ROOM_RETRY_S > end or (left is not None and left < _ROOM_RETRY_S)):
                     raise
             await asyncio.sleep(_ROOM_RETRY_S)
 
