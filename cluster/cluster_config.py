@@ -65,6 +65,7 @@ class ClusterConfig:
     gpus_per_worker: float = 1.0  # in (0, 1]: below 1, workers share GPUs (and their memory) by that fraction
     router_processes: int | None = None  # None: default_router_processes() on the launching host
     engine: EngineOptions = field(default_factory=EngineOptions)
+    queue_timeout_s: float = 10.0  # router: longest wait for admission before RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -96,6 +97,8 @@ class ClusterConfig:
                              f"{self.gpus_per_worker}); use cuda_ipc, grpc or auto")
         if self.router_processes is not None and self.router_processes < 1:
             raise ValueError(f"router_processes must be >= 1, got {self.router_processes}")
+        if not self.queue_timeout_s > 0:
+            raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
 
     def worker_roles(self) -> list[str]:
         """The role of each worker to start, in placement-bundle order."""

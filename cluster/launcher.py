@@ -23,6 +23,7 @@ from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
+from cluster.supervisor import RedisSupervisor, WorkerSupervisor
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
 from router.process import RouterProcess
@@ -51,6 +52,8 @@ class Cluster:
     placement_group: Any = None
     redis: RedisServer | None = None
     started_ray: bool = False
+    supervisor: RedisSupervisor | None = None  # restarts the private redis-server if it dies
+    worker_supervisor: WorkerSupervisor | None = None  # replaces dead workers
 
     @property
     def address(self) -> str:
@@ -115,9 +118,11 @@ class Cluster:
                                   reuse_port=n_routers > 1, http_port=config.http_port,
                                   cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,
-                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
+                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
+                                  queue_timeout_s=config.queue_timeout_s)
         router = await serve(router_cfg)
-        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
+        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray,
+                      supervisor=RedisSupervisor(redis).start() if redis is not None else None)
         try:
             await cluster._start_router_processes(n_routers - 1)
             await cluster._start_workers()
@@ -180,16 +185,21 @@ class Cluster:
             env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         actor_cls = ray.remote(WorkerActor)
         hosts = self._worker_hosts(len(roles))
-        for i, role in enumerate(roles):
+
+        def new_worker(i: int) -> Any:
+            """Worker i's actor on its bundle (again, when the supervisor replaces a dead one)."""
             strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
-            self.workers.append(actor_cls.options(
+            return actor_cls.options(
                 num_gpus=self.config.gpus_per_worker, num_cpus=self.config.cpus_per_worker,
                 scheduling_strategy=strategy, runtime_env={"env_vars": env}, max_concurrency=1000,
-            ).remote(self._worker_config(role, i, hosts[i]), ROLE_SERVICERS[role]))
+            ).remote(self._worker_config(roles[i], i, hosts[i]), ROLE_SERVICERS[roles[i]])
+
+        self.workers.extend(new_worker(i) for i in range(len(roles)))
         t0 = time.perf_counter()
         self.worker_info = list(await asyncio.gather(*(w.start.remote() for w in self.workers)))
         log.info("workers up in %.1fs: %s", time.perf_counter() - t0, self.worker_info)
         await self.wait_until_serving(timeout_s=30)
+        self.worker_supervisor = WorkerSupervisor(self.workers, self.worker_info, new_worker).start()
 
     async def wait_until_serving(self, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
@@ -203,6 +213,8 @@ class Cluster:
         """Stop the routers, drain and stop the workers, then Redis and Ray if this cluster started them."""
         import ray
 
+        if self.worker_supervisor is not None:
+            await self.worker_supervisor.stop()
         with contextlib.suppress(Exception):
             await asyncio.gather(self.router.stop(grace=2.0), *(p.stop() for p in self.router_processes),
                                  return_exceptions=True)
@@ -218,6 +230,8 @@ class Cluster:
         if self.placement_group is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(self.placement_group)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.redis is not None:
             self.redis.stop()
         if self.started_ray:

@@ -12,10 +12,11 @@ MODES = ("disaggregated", "colocated")  # colocated: one worker prefills and dec
 class RouterConfig:
     """Everything the router needs. Timeouts are in seconds unless the name says `_ms`.
 
-    `max_queue` caps the requests in flight in this router; beyond it requests fail at once with
-    RESOURCE_EXHAUSTED (0 rejects everything, which is useful for draining). `max_model_len=None` reads it
-    from the model directory (config.json `max_position_embeddings`, else tokenizer_config
-    `model_max_length`).
+    `max_queue` caps the requests in this router, running or waiting for admission (`router.admission`);
+    beyond it requests fail at once with RESOURCE_EXHAUSTED (0 rejects everything, which is useful for
+    draining); a request that waits longer than `queue_timeout_s` is refused the same way.
+    `max_model_len=None` reads it from the model directory (config.json `max_position_embeddings`, else
+    tokenizer_config `model_max_length`).
     """
 
     model_dir: str
@@ -41,6 +42,8 @@ class RouterConfig:
     prefix_ttl_s: float = 300.0  # how long a prefill worker is assumed to keep a prompt's blocks cached
     prefix_load_slack: int = 8  # prefix_aware: prefer the cache holder unless it has this much more load
     health_interval_s: float = 1.0  # registry poll for the health status
+    queue_timeout_s: float = 10.0  # longest wait for admission (router.admission) before RESOURCE_EXHAUSTED
+    prefill_slots_per_worker: int = 8  # requests per prefill worker between decode reservation and prefill end
 
     @property
     def serving_roles(self) -> tuple[str, ...]:
@@ -69,10 +72,13 @@ class RouterConfig:
         if self.reserve_lease_ms < 1:
             raise ValueError(f"reserve_lease_ms must be >= 1, got {self.reserve_lease_ms}")
         for name in ("reserve_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",
-                     "decode_chunk_timeout_s", "cancel_timeout_s", "prefix_ttl_s", "health_interval_s"):
+                     "decode_chunk_timeout_s", "cancel_timeout_s", "prefix_ttl_s", "health_interval_s",
+                     "queue_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_decode_attempts < 1 or self.max_prefill_attempts < 1:
             raise ValueError("max_decode_attempts and max_prefill_attempts must be >= 1")
+        if self.prefill_slots_per_worker < 1:
+            raise ValueError(f"prefill_slots_per_worker must be >= 1, got {self.prefill_slots_per_worker}")
         if self.prefix_load_slack < 0:
             raise ValueError(f"prefix_load_slack must be >= 0, got {self.prefix_load_slack}")

@@ -1,4 +1,7 @@
-"""The request path: validate -> reserve KV on a decode worker -> prefill (pushes KV) -> stream decode.
+"""The request path: validate -> admit -> wait for a prefill slot -> reserve KV on a decode worker -> prefill
+(pushes KV) -> stream decode. Admission (`router.admission`) runs a request only while its blocks fit the
+pools; the prefill stage (the same gate, `prefill_slots_per_worker` per prefill worker) holds a request
+before its reservation, so a decode worker's blocks are not held by prompts still queueing for prefill.
 
 The registry costs a request two round trips: `place` (decode worker + its blocks, prompt workers in the
 policy's order + inflight) at the start, `release` (all of it) once the prompt worker is done; the worker
@@ -26,6 +29,7 @@ from pdserve.v1 import worker_pb2 as wpb
 from cluster.prefix_hash import chain_block_hashes
 from cluster.registry import AsyncRegistry, Placement, WorkerInfo, WorkerLoad
 from cluster.wire import sampling_to_proto
+from router.admission import Admission
 from router.channels import WorkerChannels
 from router.config import RouterConfig
 from router.errors import RouterError, worker_error
@@ -39,6 +43,8 @@ from router.worker_view import WorkerView
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Code = grpc.StatusCode
+_REUSE_GRACE_S = 0.5  # beyond the Cancel timeout, how long a reused request id waits for its old request
+_ROOM_RETRY_S = 0.05  # a full decode worker is asked again this often (its heartbeat period is 0.5 s)
 
 
 @dataclass
@@ -61,6 +67,7 @@ class RequestRun:
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
     finished: bool = False
     held: Held | None = None  # registry counters taken and not yet released
+    freeing: bool = False  # a cleanup was started while the request still ran (it frees the id)
 
 
 def _earliest(end: float, time_remaining: Callable[[], float | None]) -> Callable[[], float]:
@@ -84,7 +91,12 @@ class Orchestrator:
         self.policy = policy
         self.sessions = WorkerSessions(channels)  # the workers' output streams to this router
         self.view = WorkerView(registry)  # refreshed by the router's health loop; no request lists workers
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, asyncio.Future[None]] = {}  # ids in use -> done once freed on every worker
+        self.admission = Admission(self._capacity, config.max_queue, config.queue_timeout_s)
+        # Requests between their decode reservation and the end of their prefill: a few per prefill worker,
+        # so decode blocks are reserved when the prefill is about to run, not while the prompt queues.
+        self.prefill_stage = Admission(self._prefill_slots, config.max_queue, config.queue_timeout_s,
+                                       unit="prefill slots")
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
@@ -102,24 +114,54 @@ class Orchestrator:
                        time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
         """Yield the client's responses; raises RouterError with the status to return."""
         t0 = time.perf_counter()
-        if len(self._inflight) >= self.config.max_queue:
-            raise RouterError(Code.RESOURCE_EXHAUSTED, f"router queue is full ({len(self._inflight)} requests "
-                                                       f"in flight, max_queue={self.config.max_queue})")
+        self.admission.check_room()  # before any work: an overloaded router must refuse cheaply
         if len(req.text) > 4096:  # keep long tokenizations off the event loop
             v = await asyncio.to_thread(validate, req, self.model)
         else:
             v = validate(req, self.model)
-        if v.request_id in self._inflight:
-            raise RouterError(Code.ALREADY_EXISTS, f"request_id {v.request_id!r} is already in flight")
-        self._inflight.add(v.request_id)
+        await self._claim(v.request_id)
         run = RequestRun(v.request_id)
         try:
-            async for msg in self._run(v, run, t0, time_remaining):
-                yield msg
+            async with self.admission.admit(self._cost(v), time_remaining):
+                async for msg in self._run(v, run, t0, time_remaining):
+                    yield msg
         finally:
-            self._inflight.discard(v.request_id)
             if not run.finished:  # in the background: the client's status must not wait for a dead worker
                 self._spawn(self._cleanup(run))
+            elif not run.freeing:  # (else the cleanup under way frees the id)
+                self._free_id(v.request_id)
+
+    async def _claim(self, request_id: str) -> None:
+        """Take the request id. An id still in use (its request ending, or its workers being told to free
+        it) is waited for, up to a Cancel's timeout and a little more: an id is reusable as soon as the client
+        has cancelled it. ALREADY_EXISTS if it is still in use then."""
+        end = time.perf_counter() + self.config.cancel_timeout_s + _REUSE_GRACE_S
+        while (held := self._inflight.get(request_id)) is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(held), max(0.0, end - time.perf_counter()))
+            except TimeoutError:
+                raise RouterError(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight") from None
+        self._inflight[request_id] = asyncio.get_running_loop().create_future()
+
+    def _free_id(self, request_id: str) -> None:
+        held = self._inflight.pop(request_id, None)
+        if held is not None and not held.done():
+            held.set_result(None)
+
+    def _capacity(self) -> int:
+        """KV blocks in the pools that hold running requests (decode or colocated workers), per the view."""
+        role = self.config.serving_roles[-1]
+        return sum(w.total_kv_blocks for w, _ in self.view.workers if w.role == role)
+
+    def _prefill_slots(self) -> int:
+        n = sum(w.role == "prefill" for w, _ in self.view.workers)
+        return n * self.config.prefill_slots_per_worker
+
+    def _cost(self, v: ValidRequest) -> int:
+        """The KV blocks a request needs to run to its end (prompt + max_tokens)."""
+        sizes = [w.block_size for w, _ in self.view.workers]
+        block_size = sizes[0] if sizes else 16
+        return -(-(len(v.token_ids) + v.sampling.max_tokens) // block_size)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:  # tracked, so close() waits for it
         task = asyncio.ensure_future(coro)
@@ -154,16 +196,17 @@ class Orchestrator:
             missing = " and ".join(r for r, ws in (("prefill", prefills), ("decode", decodes)) if not ws)
             raise RouterError(Code.UNAVAILABLE, f"no {missing} workers are registered in cluster "
                                                 f"{cfg.cluster_name!r}")
-        dinfo, reserved = await self._reserve(v, decodes, run, time_remaining)
-        lease_end = time.perf_counter() + cfg.reserve_lease_ms / 1000.0
-        dest = wpb.KVDestination(worker_id=dinfo.worker_id, transport=reserved.transport or dinfo.transport,
-                                 transport_endpoint=reserved.transport_endpoint or dinfo.transport_endpoint,
-                                 block_ids=reserved.block_ids)
         sampling = sampling_to_proto(v.sampling)
-        t_prefill = time.perf_counter()
-        pinfo, prefilled = await self._prefill(
-            v, prefills, wpb.PrefillRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling, dest=dest),
-            run, _earliest(lease_end, time_remaining))
+        async with self.prefill_stage.admit(1, time_remaining):  # no decode blocks held while it waits here
+            dinfo, reserved = await self._reserve_when_room(v, decodes, run, time_remaining)
+            lease_end = time.perf_counter() + cfg.reserve_lease_ms / 1000.0
+            dest = wpb.KVDestination(worker_id=dinfo.worker_id, transport=reserved.transport or dinfo.transport,
+                                     transport_endpoint=reserved.transport_endpoint or dinfo.transport_endpoint,
+                                     block_ids=reserved.block_ids)
+            t_prefill = time.perf_counter()
+            pinfo, prefilled = await self._prefill(
+                v, prefills, wpb.PrefillRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling, dest=dest),
+                run, _earliest(lease_end, time_remaining))
         first = pb.Delta(token_ids=[prefilled.first_token_id], text=prefilled.text)
         if prefilled.HasField("first_logprobs"):
             first.logprobs.append(prefilled.first_logprobs)
@@ -180,6 +223,7 @@ class Orchestrator:
         if prefilled.finish_reason:  # the first token ended it: no KV was pushed, free the reservation
             final.finish_reason = prefilled.finish_reason
             final.decode_worker = ""
+            run.freeing = True  # the id stays taken until the decode worker has freed it
             self._spawn(self._cleanup(run))
         else:
             async for delta in self._decode(v, dinfo, sampling, prefilled.first_token_id, run, final,
@@ -209,6 +253,28 @@ class Orchestrator:
                 yield delta
         finally:
             session.close(v.request_id)
+
+    async def _reserve_when_room(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]],
+                                 run: RequestRun, time_remaining: Callable[[], float | None]
+                                 ) -> tuple[WorkerInfo, wpb.ReserveReply]:
+        """`_reserve`, tried again while no decode worker has room yet, up to `queue_timeout_s`: admission
+        counts blocks exactly, but the registry sees blocks freed only at the worker's next heartbeat. A
+        prompt larger than every decode worker's pool is refused at once."""
+        n_blocks = -(-len(v.token_ids) // decodes[0][0].block_size)
+        end = time.perf_counter() + self.config.queue_timeout_s
+        while True:
+            try:
+                return await self._reserve(v, decodes, run, time_remaining)
+            except RouterError as err:
+                live = [w for w, _ in self.view.workers if w.role == "decode"]  # the view as of now
+                if err.code == Code.RESOURCE_EXHAUSTED and not live:
+                    raise RouterError(Code.UNAVAILABLE, f"no decode workers are live in cluster "
+                                                        f"{self.config.cluster_name!r}") from None
+                left = time_remaining()
+                if (err.code != Code.RESOURCE_EXHAUSTED or not any(n_blocks <= w.total_kv_blocks for w in live)
+                        or time.perf_counter() + _ROOM_RETRY_S > end or (left is not None and left < _ROOM_RETRY_S)):
+                    raise
+            await asyncio.sleep(_ROOM_RETRY_S)
 
     async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                        time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
@@ -352,7 +418,13 @@ class Orchestrator:
             log.warning("registry bookkeeping failed: %s", exc)
 
     async def _cleanup(self, run: RequestRun) -> None:
-        """Tell every worker involved to free the request (idempotent)."""
+        """Tell every worker involved to free the request (idempotent); then its id is free again."""
+        try:
+            await self._cancel_everywhere(run)
+        finally:
+            self._free_id(run.request_id)
+
+    async def _cancel_everywhere(self, run: RequestRun) -> None:
         await self._release(run)  # normally released already, where it was taken
         req = wpb.CancelRequest(request_id=run.request_id)
 

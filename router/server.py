@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# gRPC core sheds calls that arrived but that this event loop has not taken up yet once more than 1,000 wait
+# (at random up to 3,000, then all), ending them with a bare CANCELLED; every call must reach admission
+# (router.admission), which refuses with RESOURCE_EXHAUSTED and the limit's name instead.
+PENDING_CALLS = [("grpc.server.max_pending_requests", 1 << 16),
+                 ("grpc.server.max_pending_requests_hard_limit", 1 << 16)]
 
 
 async def _write(context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) -> bool:
@@ -175,7 +180,7 @@ async def serve(config: RouterConfig) -> RouterServer:
     flow = ColocatedOrchestrator if config.mode == "colocated" else Orchestrator
     orchestrator = flow(config, model, registry, WorkerChannels(),
                         make_policy(config.policy, config.prefix_load_slack))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port))])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port)), *PENDING_CALLS])
     metrics = RouterMetrics(model.name)
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator, metrics), server)
     health_servicer = health.aio.HealthServicer()

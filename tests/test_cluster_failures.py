@@ -73,6 +73,23 @@ def test_cancel_mid_stream_frees_kv_on_both_sides(harness):
     assert_freed_early(harness, times)
 
 
+@pytest.mark.timeout(90, func_only=True)
+def test_request_id_is_reusable_right_after_its_cancel(harness):
+    """The router keeps an id until the workers have freed it, and a request reusing it waits for that."""
+    with Client(harness.address) as client:
+        for i in range(20):  # cancelled while queued, in prefill, in the handoff, decoding
+            stream = client.generate_stream(prompt(600, 100 + i), request_id="reused-id", max_tokens=1200,
+                                            temperature=0.0, ignore_eos=True)
+            time.sleep(i % 5 * 0.03)
+            if i % 5 == 4:
+                next(stream)
+            stream.close()
+            result = client.generate(prompt(24, 100 + i), request_id="reused-id", max_tokens=4, temperature=0.0,
+                                     ignore_eos=True, timeout=20)
+            assert len(result.token_ids) == 4
+    harness.wait_all_blocks_free()
+
+
 @pytest.mark.timeout(60, func_only=True)
 def test_deadline_expiry_frees_kv(harness):
     times: list[float] = []
@@ -157,17 +174,21 @@ def test_bad_input_is_invalid_argument(harness, prompt_, kw, reason):
 
 @pytest.mark.timeout(60, func_only=True)
 def test_router_queue_full_is_resource_exhausted_at_once(harness):
+    """Two long requests fill the decode pools (router.admission), two more wait their turn, and with
+    max_queue requests held the next ones are refused at once."""
+    admission = harness.cluster.router.orchestrator.admission
     with Client(harness.address) as client:
         streams = [client.generate_stream(prompt(24, 10 + i), **LONG) for i in range(MAX_QUEUE)]
         try:
-            for s in streams:
-                next(s)  # each is in flight
+            for s in streams[:2]:
+                next(s)  # running
+            wait_for(lambda: admission.num_waiting == MAX_QUEUE - 2, 5.0, "the other two do not wait")
             t0 = time.monotonic()
             with ThreadPoolExecutor(4) as pool:
                 errors = list(pool.map(lambda i: _error_of(client, prompt(24, 20 + i), **LONG), range(4)))
             assert time.monotonic() - t0 < 3.0
             for err in errors:
-                assert err.code == Code.RESOURCE_EXHAUSTED and "queue is full" in err.reason, err
+                assert err.code == Code.RESOURCE_EXHAUSTED and f"max_queue={MAX_QUEUE}" in err.reason, err
         finally:
             for s in streams:
                 s.close()
@@ -247,7 +268,9 @@ def test_deadline_during_a_late_registry_reply_leaks_no_counters(harness, monkey
 
 async def _kill_decode_mid_stream(harness: ClusterHarness, ray) -> str:
     async with AsyncClient(harness.address) as client:
-        streams = [client.generate_stream(prompt(24, 30 + i), **LONG) for i in range(MAX_QUEUE)]
+        # MAX_QUEUE requests that fit the decode pools together, so the router admits them all at once
+        fitting = {**LONG, "max_tokens": 2 * POOL_BLOCKS * 16 // MAX_QUEUE - 24}
+        streams = [client.generate_stream(prompt(24, 30 + i), **fitting) for i in range(MAX_QUEUE)]
         for s in streams:
             for _ in range(3):
                 await s.__anext__()  # each is decoding
