@@ -171,8 +171,12 @@ def _die_with_parent() -> None:
 async def serve(conn: Connection, host: str) -> None:
     loop = asyncio.get_running_loop()
     front = FrontEnd(conn, loop)
+    # gRPC core sheds calls the event loop has not taken up yet past max_pending_requests (as bare CANCELLED);
+    # every call must reach the servicer, which answers overload itself (RESOURCE_EXHAUSTED).
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE)])
+                                      ("grpc.max_send_message_length", MAX_MESSAGE),
+                                      ("grpc.server.max_pending_requests", 1 << 16),
+                                      ("grpc.server.max_pending_requests_hard_limit", 1 << 16)])
     server.add_generic_rpc_handlers((front.handlers(),))
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
