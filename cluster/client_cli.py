@@ -22,6 +22,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    parser.add_argument("--api-key", help="the router's API key (default: PDSERVE_API_KEY)")
 
 
 def _stream_one(client, prompt: str, max_tokens: int, temperature: float, seed: int | None,
@@ -47,7 +48,7 @@ def _stream_one(client, prompt: str, max_tokens: int, temperature: float, seed: 
 def run_generate(args: argparse.Namespace) -> int:
     from pdserve import Client
 
-    with Client(args.target) as client:
+    with Client(args.target, api_key=args.api_key) as client:
         _stream_one(client, args.prompt, args.max_tokens, args.temperature, args.seed, args.timeout)
     return 0
 

@@ -22,6 +22,7 @@ from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
+from cluster.secret import new_secret
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
 from router.process import RouterProcess, check_port_free
@@ -50,6 +51,7 @@ class Cluster:
     placement_group: Any = None
     redis: RedisServer | None = None
     started_ray: bool = False
+    secret: str = field(default="", repr=False)  # the cluster secret (cluster.secret)
 
     @property
     def address(self) -> str:
@@ -96,12 +98,16 @@ class Cluster:
                 ray.init(address="local", num_cpus=max(2, int(n * config.cpus_per_worker) + 1), num_gpus=gpus,
                          include_dashboard=False, log_to_driver=False)
             started_ray = True
+        secret = config.cluster_secret or new_secret()
+        if not config.api_keys:
+            say(f"pdserve: no API key (--api-key): the public port {config.host}:{config.port} is open to anyone "
+                "who can reach it")
         redis = None
         redis_url = config.redis_url
         if not redis_url:
-            redis = RedisServer().start()
+            redis = RedisServer(password=new_secret()).start()
             redis_url = redis.url
-            say(f"pdserve: started redis-server at {redis_url}")
+            say(f"pdserve: started redis-server at {redis.host}:{redis.port} (password required)")
         bundles = [{"GPU": config.gpus_per_worker, "CPU": config.cpus_per_worker}] * len(config.worker_roles())
         pg = placement_group(bundles, strategy="PACK")
         try:
@@ -113,9 +119,12 @@ class Cluster:
                                   reuse_port=n_routers > 1, http_port=config.http_port,
                                   cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,
-                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len)
+                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
+                                  api_keys=tuple(config.api_keys), cluster_secret=secret, tls_cert=config.tls_cert,
+                                  tls_key=config.tls_key, tls_client_ca=config.tls_client_ca)
         router = await serve(router_cfg)
-        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray)
+        cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray,
+                      secret=secret)
         try:
             await cluster._start_router_processes(n_routers - 1)
             await cluster._start_workers()
@@ -147,7 +156,7 @@ class Cluster:
         c = self.config
         return WorkerConfig(role=role, engine=c.engine_config(self.model_dir, seed=index), redis_url=self.redis_url,
                             cluster_name=c.cluster_name, worker_id=f"{role}-{index}", transport=self.transport,
-                            host=host, kv_stream_layers=c.kv_stream_layers)
+                            host=host, kv_stream_layers=c.kv_stream_layers, cluster_secret=self.secret)
 
     def _worker_hosts(self, n: int) -> list[str]:
         """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in

@@ -24,7 +24,8 @@ class PrefillServicer(WorkerServicerBase):
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> PrefillServicer:
         servicer = cls(config, worker_id, loop)
         engine = loop.engine
-        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host)
+        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host,
+                                              secret=config.cluster_secret)
         return servicer
 
     async def Prefill(self, request: wpb.PrefillRequest) -> wpb.PrefillReply:

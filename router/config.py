@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 MODES = ("disaggregated", "colocated")  # colocated: one worker prefills and decodes each request
@@ -19,7 +19,7 @@ class RouterConfig:
     """
 
     model_dir: str
-    redis_url: str
+    redis_url: str = field(repr=False)  # may carry the Redis password
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (see RouterServer.port)
     reuse_port: bool = False  # SO_REUSEPORT: several router processes serve this port (router.process)
@@ -41,6 +41,11 @@ class RouterConfig:
     prefix_ttl_s: float = 300.0  # how long a prefill worker is assumed to keep a prompt's blocks cached
     prefix_load_slack: int = 8  # prefix_aware: prefer the cache holder unless it has this much more load
     health_interval_s: float = 1.0  # registry poll for the health status
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys (router.auth); (): open
+    cluster_secret: str = field(default="", repr=False)  # WorkerService token, registry signatures (cluster.secret)
+    tls_cert: str | None = None  # PEM files: TLS on the public gRPC and HTTP ports
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate this CA signed
 
     @property
     def serving_roles(self) -> tuple[str, ...]:
@@ -74,5 +79,9 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_decode_attempts < 1 or self.max_prefill_attempts < 1:
             raise ValueError("max_decode_attempts and max_prefill_attempts must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.prefix_load_slack < 0:
             raise ValueError(f"prefix_load_slack must be >= 0, got {self.prefix_load_slack}")

@@ -25,6 +25,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from cluster.secret import ENV as SECRET_ENV
 from cluster.worker.engine_loop import EngineLoop, StepBatch
 from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
@@ -33,8 +34,9 @@ _START_TIMEOUT_S = 60.0
 
 
 class FrontendLink:
-    def __init__(self, servicer: WorkerServicerBase, loop: EngineLoop, host: str) -> None:
+    def __init__(self, servicer: WorkerServicerBase, loop: EngineLoop, host: str, secret: str = "") -> None:
         self.servicer = servicer
+        self._secret = secret
         self.engine_loop = loop
         self.host = host
         self.port = 0
@@ -46,11 +48,13 @@ class FrontendLink:
         self._aio: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
-        """Start the front end process; returns its gRPC port once it serves."""
+        """Start the front end process (the cluster secret in its environment); returns its gRPC port once it
+        serves."""
         self._aio = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         self._proc = subprocess.Popen([sys.executable, "-m", "cluster.worker.frontend", "--fd", str(theirs.fileno()),
-                                       "--host", self.host], pass_fds=(theirs.fileno(),))
+                                       "--host", self.host], pass_fds=(theirs.fileno(),),
+                                      env={**os.environ, SECRET_ENV: self._secret})  # never in argv
         theirs.close()
         self._sock, self._conn = ours, Connection(os.dup(ours.fileno()))
         ready = await asyncio.to_thread(self._wait_ready)
