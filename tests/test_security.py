@@ -304,3 +304,26 @@ def test_mutual_tls_on_a_router_alone(redis_server, tiny_llama, certs):  # type:
         assert httpx.get(url, verify=ctx).status_code == 503
     finally:
         c.close()
+
+
+def test_grpc_kv_transport_refuses_a_sender_without_the_secret():
+    import torch
+
+    from cluster.transport import create_transport
+    from tests.transport_peers import initial_cache, kv_layout
+
+    layout = kv_layout(torch.float32)
+    recv = create_transport("grpc", layout, initial_cache(torch.float32, 1), secret="s3")
+    good = create_transport("grpc", layout, initial_cache(torch.float32, 2), secret="s3")
+    stranger = create_transport("grpc", layout, initial_cache(torch.float32, 3))
+    try:
+        endpoint = recv.listen()
+        recv.expect("a", [1])
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            stranger.send(endpoint, "a", [2], [1], 5.0)
+        good.send(endpoint, "a", [2], [1], 5.0)
+        recv.wait_received("a", 5.0)
+        assert torch.equal(recv.cache[:, :, 1], good.cache[:, :, 2])
+    finally:
+        for t in (recv, good, stranger):
+            t.close()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.secret import METADATA_KEY, metadata_value, same, worker_token
+from cluster.secret import METADATA_KEY, mac, metadata_value, same
 from cluster.transport import kv_transfer_pb2 as pb
 from cluster.transport import kv_transfer_pb2_grpc as pb_grpc
 from cluster.transport.base import KVTransport, TransportError, TransportRejected, format_endpoint
@@ -56,7 +56,7 @@ class GrpcTransport(KVTransport):
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
                  max_workers: int = 4, chunk_bytes: int = CHUNK_BYTES, secret: str = "") -> None:
         super().__init__(layout, cache, host=host, secret=secret)
-        self._token = worker_token(secret) if secret else ""
+        self._token = mac(secret, "kv-grpc") if secret else ""  # not the WorkerService token: a peer sees it
         if not 0 < chunk_bytes <= _MAX_MSG - (4 << 20):
             raise ValueError(f"chunk_bytes must be in (0, {_MAX_MSG - (4 << 20)}], got {chunk_bytes}")
         self._max_workers = max_workers
