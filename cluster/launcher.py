@@ -22,6 +22,7 @@ from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
+from cluster.secret import ENV as SECRET_ENV
 from cluster.secret import new_secret
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
@@ -98,7 +99,7 @@ class Cluster:
                 ray.init(address="local", num_cpus=max(2, int(n * config.cpus_per_worker) + 1), num_gpus=gpus,
                          include_dashboard=False, log_to_driver=False)
             started_ray = True
-        secret = config.cluster_secret or new_secret()
+        secret = config.cluster_secret or os.environ.get(SECRET_ENV) or new_secret()  # env: the Helm chart's
         if not config.api_keys:
             say(f"pdserve: no API key (--api-key): the public port {config.host}:{config.port} is open to anyone "
                 "who can reach it")
