@@ -16,12 +16,13 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from pdserve._request import API_KEY_ENV
 
 from cluster.grpc_auth import refusing
 from cluster.secret import metadata_value, same
 from router.http.errors import ApiError
 
-ENV = "PDSERVE_API_KEY"
+ENV = API_KEY_ENV
 _OPEN_GRPC = "/grpc.health.v1.Health/"
 _OPEN_HTTP = ("/health", "/metrics")
 
