@@ -44,7 +44,7 @@ ROLE_SERVICERS = {
 class Cluster:
     config: ClusterConfig
     model_dir: str
-    redis_url: str
+    redis_url: str = field(repr=False)  # carries the Redis password
     router: RouterServer  # the one in this process; `router_processes` serve the same port beside it
     router_processes: list[RouterProcess] = field(default_factory=list)
     workers: list[Any] = field(default_factory=list)  # Ray actor handles
