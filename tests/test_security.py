@@ -154,6 +154,14 @@ def test_every_worker_method_refuses_a_caller_without_the_secret(harness):  # ty
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     stats = harness.worker_stats()  # with the secret: served
     assert len(stats) == 2 and all(s.reserved_kv_blocks == 0 for s in stats)
+    prefill = next(w for w in harness.cluster.worker_info if w["role"] == "prefill")
+    with harness.worker_channel(prefill["address"]) as ch:  # even with the secret: no destination, no forward
+        call = ch.unary_unary("/pdserve.v1.WorkerService/Prefill",
+                              request_serializer=wpb.PrefillRequest.SerializeToString)
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            call(wpb.PrefillRequest(request_id="no-dest", token_ids=[5] * 1000), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.perf_counter() - t0 < 0.5
 
 
 def test_kv_control_channel_refuses_a_peer_without_the_secret(harness):  # type: ignore[no-untyped-def]
