@@ -23,6 +23,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    parser.add_argument("--api-key", help="the router's API key (default: PDSERVE_API_KEY)")
 
 
 def _stream_one(client, prompt: str, max_tokens: int, temperature: float, seed: int | None,
@@ -50,7 +51,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pdserve.errors import UnavailableError
 
     try:
-        with Client(args.target) as client:
+        with Client(args.target, api_key=args.api_key) as client:
             _stream_one(client, args.prompt, args.max_tokens, args.temperature, args.seed, args.timeout)
     except UnavailableError as e:
         raise RuntimeError(f"--target {args.target}: no cluster answers there ({e}); start one with `pdserve up` "

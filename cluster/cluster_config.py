@@ -54,7 +54,7 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # router port; 0 picks a free one
     http_port: int | None = 8000  # the router's OpenAI-compatible HTTP API and /metrics; 0 picks one, null: off
-    redis_url: str | None = None  # None: start a private redis-server
+    redis_url: str | None = field(default=None, repr=False)  # None: a private redis-server; may carry a password
     cluster_name: str = "default"
     policy: str = "least_loaded"
     max_queue: int = 1024
@@ -66,6 +66,11 @@ class ClusterConfig:
     router_processes: int | None = None  # None: default_router_processes() on the launching host
     engine: EngineOptions = field(default_factory=EngineOptions)
     queue_timeout_s: float = 10.0  # router: longest wait for admission before RESOURCE_EXHAUSTED
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys; (): the port is open to all
+    cluster_secret: str | None = field(default=None, repr=False)  # None: a fresh one per start (cluster.secret)
+    tls_cert: str | None = None  # PEM files: TLS on the router's public gRPC and HTTP ports
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients need a certificate this CA signed
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -95,6 +100,12 @@ class ClusterConfig:
         if self.gpus_per_worker < 1.0 and self.transport == "nccl" and self.mode == "disaggregated":
             raise ValueError(f"transport 'nccl' cannot join two workers on one GPU (gpus_per_worker="
                              f"{self.gpus_per_worker}); use cuda_ipc, grpc or auto")
+        if isinstance(self.api_keys, str) or not all(isinstance(k, str) and k for k in self.api_keys):
+            raise ValueError("api_keys must be a list of non-empty strings")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.router_processes is not None and self.router_processes < 1:
             raise ValueError(f"router_processes must be >= 1, got {self.router_processes}")
         if not self.queue_timeout_s > 0:

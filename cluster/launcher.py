@@ -23,6 +23,8 @@ from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
+from cluster.secret import ENV as SECRET_ENV
+from cluster.secret import new_secret
 from cluster.supervisor import RedisSupervisor, WorkerSupervisor
 from cluster.worker.config import WorkerConfig
 from router.config import RouterConfig
@@ -44,7 +46,7 @@ ROLE_SERVICERS = {
 class Cluster:
     config: ClusterConfig
     model_dir: str
-    redis_url: str
+    redis_url: str = field(repr=False)  # carries the Redis password
     router: RouterServer  # the one in this process; `router_processes` serve the same port beside it
     router_processes: list[RouterProcess] = field(default_factory=list)
     workers: list[Any] = field(default_factory=list)  # Ray actor handles
@@ -54,6 +56,7 @@ class Cluster:
     started_ray: bool = False
     supervisor: RedisSupervisor | None = None  # restarts the private redis-server if it dies
     worker_supervisor: WorkerSupervisor | None = None  # replaces dead workers
+    secret: str = field(default="", repr=False)  # the cluster secret (cluster.secret)
 
     @property
     def address(self) -> str:
@@ -101,12 +104,16 @@ class Cluster:
             started_ray = True
             stop_signals.reclaim()  # ray.init takes SIGTERM (exit, or abort in its C++ handler)
         preflight.check_ray_fits(config, ray.cluster_resources())  # else the placement group waits in vain
+        secret = config.cluster_secret or os.environ.get(SECRET_ENV) or new_secret()  # env: the Helm chart's
+        if not config.api_keys:
+            say(f"pdserve: no API key (--api-key): the public port {config.host}:{config.port} is open to anyone "
+                "who can reach it")
         redis = None
         redis_url = config.redis_url
         if not redis_url:
-            redis = RedisServer().start()
+            redis = RedisServer(password=new_secret()).start()
             redis_url = redis.url
-            say(f"pdserve: started redis-server at {redis_url}")
+            say(f"pdserve: started redis-server at {redis.host}:{redis.port} (password required)")
         bundles = [{"GPU": config.gpus_per_worker, "CPU": config.cpus_per_worker}] * len(config.worker_roles())
         pg = placement_group(bundles, strategy="PACK")
         try:
@@ -119,10 +126,12 @@ class Cluster:
                                   cluster_name=config.cluster_name, mode=config.mode,
                                   policy=config.policy, max_queue=config.max_queue,
                                   reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
-                                  queue_timeout_s=config.queue_timeout_s)
+                                  queue_timeout_s=config.queue_timeout_s,
+                                  api_keys=tuple(config.api_keys), cluster_secret=secret, tls_cert=config.tls_cert,
+                                  tls_key=config.tls_key, tls_client_ca=config.tls_client_ca)
         router = await serve(router_cfg)
         cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray,
-                      supervisor=RedisSupervisor(redis).start() if redis is not None else None)
+                      supervisor=RedisSupervisor(redis).start() if redis is not None else None, secret=secret)
         try:
             await cluster._start_router_processes(n_routers - 1)
             await cluster._start_workers()
@@ -154,7 +163,7 @@ class Cluster:
         c = self.config
         return WorkerConfig(role=role, engine=c.engine_config(self.model_dir, seed=index), redis_url=self.redis_url,
                             cluster_name=c.cluster_name, worker_id=f"{role}-{index}", transport=self.transport,
-                            host=host, kv_stream_layers=c.kv_stream_layers)
+                            host=host, kv_stream_layers=c.kv_stream_layers, cluster_secret=self.secret)
 
     def _worker_hosts(self, n: int) -> list[str]:
         """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in

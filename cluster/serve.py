@@ -53,16 +53,25 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
                         "default: a quarter of this host's cores, 1 to 4)")
     parser.add_argument("--gpus-per-worker", type=float, help="GPU share of each worker, in (0, 1]; 0.5 runs 1 "
                         f"prefill + 1 decode on one GPU, each with half its memory (default: {d.gpus_per_worker:g})")
+    parser.add_argument("--api-key", action="append", default=[], help="a key clients must send (authorization: "
+                        "Bearer KEY); repeatable; default: PDSERVE_API_KEY; none: the public port is open")
+    parser.add_argument("--api-key-file", help="a file of API keys, one a line")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: TLS on the public gRPC and HTTP ports")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     from cluster.cluster_config import ClusterConfig
+    from router.auth import load_api_keys
 
     base = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     return base.replace(model=args.model, device=args.device, mode=args.mode, prefill=args.prefill,
                         decode=args.decode, colocated=args.colocated, transport=args.transport, host=args.host,
                         port=args.port, http_port=args.http_port, redis_url=args.redis_url, policy=args.policy,
-                        router_processes=args.router_processes, gpus_per_worker=args.gpus_per_worker)
+                        router_processes=args.router_processes, gpus_per_worker=args.gpus_per_worker,
+                        api_keys=load_api_keys(args.api_key, args.api_key_file) or None, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
 
 def multiprocess_metrics(config: ClusterConfig) -> str | None:

@@ -25,7 +25,8 @@ class DecodeServicer(WorkerServicerBase):
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> DecodeServicer:
         servicer = cls(config, worker_id, loop)
         engine = loop.engine
-        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host)
+        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host,
+                                              secret=config.cluster_secret)
         servicer.endpoint = await asyncio.to_thread(servicer.transport.listen)
         return servicer
 

@@ -24,7 +24,8 @@ class PrefillServicer(WorkerServicerBase):
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> PrefillServicer:
         servicer = cls(config, worker_id, loop)
         engine = loop.engine
-        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host)
+        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host,
+                                              secret=config.cluster_secret)
         return servicer
 
     async def Prefill(self, request: wpb.PrefillRequest) -> wpb.PrefillReply:
@@ -34,6 +35,8 @@ class PrefillServicer(WorkerServicerBase):
         except ValueError as e:
             raise WorkerError("INVALID_ARGUMENT", str(e)) from None
         dest = request.dest
+        if not dest.block_ids:  # at once, not after a whole forward: there is nowhere to put the KV
+            raise WorkerError("INVALID_ARGUMENT", "no KV destination blocks given")
         if dest.transport and dest.transport != self.transport.name:
             raise WorkerError("FAILED_PRECONDITION",
                               f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
@@ -62,8 +65,6 @@ class PrefillServicer(WorkerServicerBase):
             t_done = time.perf_counter()
             handoff_ms, kv_bytes = 0.0, 0
             if out.finish_reason == FINISH_PREFILLED:
-                if len(dest.block_ids) == 0:
-                    raise WorkerError("INVALID_ARGUMENT", "no KV destination blocks given")
                 src = out.kv_block_ids or []  # with the output: asking the engine would wait out its next step
                 if len(src) != len(dest.block_ids):
                     raise WorkerError("INVALID_ARGUMENT",

@@ -1,9 +1,12 @@
-"""Cached grpc.aio channels and WorkerService stubs, one per worker address."""
+"""Cached grpc.aio channels and WorkerService stubs, one per worker address; every call carries the cluster's
+worker token (`cluster.secret`)."""
 
 from __future__ import annotations
 
 import grpc
 from pdserve.v1 import worker_pb2_grpc
+
+from cluster.grpc_auth import aio_interceptors
 
 _OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -20,13 +23,14 @@ class WorkerChannels:
     off its reconnects; closing it could cut a stream still running to a worker that merely missed a
     heartbeat)."""
 
-    def __init__(self) -> None:
+    def __init__(self, secret: str = "") -> None:
+        self._interceptors = aio_interceptors(secret)
         self._channels: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
 
     def stub(self, address: str) -> worker_pb2_grpc.WorkerServiceStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=self._interceptors)
             entry = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
             self._channels[address] = entry
         return entry[1]

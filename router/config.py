@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 MODES = ("disaggregated", "colocated")  # colocated: one worker prefills and decodes each request
@@ -20,7 +20,7 @@ class RouterConfig:
     """
 
     model_dir: str
-    redis_url: str
+    redis_url: str = field(repr=False)  # may carry the Redis password
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (see RouterServer.port)
     reuse_port: bool = False  # SO_REUSEPORT: several router processes serve this port (router.process)
@@ -44,6 +44,11 @@ class RouterConfig:
     health_interval_s: float = 1.0  # registry poll for the health status
     queue_timeout_s: float = 10.0  # longest wait for admission (router.admission) before RESOURCE_EXHAUSTED
     prefill_slots_per_worker: int = 8  # requests per prefill worker between decode reservation and prefill end
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys (router.auth); (): open
+    cluster_secret: str = field(default="", repr=False)  # WorkerService token, registry signatures (cluster.secret)
+    tls_cert: str | None = None  # PEM files: TLS on the public gRPC and HTTP ports
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate this CA signed
 
     @property
     def serving_roles(self) -> tuple[str, ...]:
@@ -80,5 +85,9 @@ class RouterConfig:
             raise ValueError("max_decode_attempts and max_prefill_attempts must be >= 1")
         if self.prefill_slots_per_worker < 1:
             raise ValueError(f"prefill_slots_per_worker must be >= 1, got {self.prefill_slots_per_worker}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.prefix_load_slack < 0:
             raise ValueError(f"prefix_load_slack must be >= 0, got {self.prefix_load_slack}")

@@ -1,6 +1,7 @@
 """The public endpoints: gRPC GenerateService, standard health (SERVING once the cluster has at least one
 prefill and one decode worker; in colocated mode, one colocated worker) and reflection, on grpc.aio; with
-`http_port`, the OpenAI-compatible HTTP endpoint (`router.http`) on the same event loop and request path."""
+`http_port`, the OpenAI-compatible HTTP endpoint (`router.http`) on the same event loop and request path.
+API keys, safe request decoding (`router.auth`) and TLS (`router.tls`) apply to both ports."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pdserve.v1 import generate_pb2 as pb
 from pdserve.v1 import generate_pb2_grpc as pb_grpc
 
 from cluster.registry import AsyncRegistry
+from router.auth import ApiKeys, PublicGuard
 from router.channels import WorkerChannels
 from router.colocated import ColocatedOrchestrator
 from router.config import RouterConfig
@@ -22,6 +24,7 @@ from router.metrics import RouterMetrics
 from router.model_info import ModelInfo
 from router.orchestrator import Orchestrator
 from router.policy import make_policy
+from router.tls import grpc_credentials, http_ssl_context
 
 try:  # the GPU image lacks these: add grpcio-health-checking/-reflection == grpcio's version to its bundle
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -147,7 +150,7 @@ class RouterServer:
         await self.server.start()
         if self.config.http_port is not None:
             http = HttpServer(self.orchestrator, self.metrics, lambda: self.serving, self.config.host,
-                              self.config.http_port)
+                              self.config.http_port, ApiKeys(self.config.api_keys), http_ssl_context(self.config))
             try:
                 await http.start()
             except RuntimeError:
@@ -176,11 +179,12 @@ class RouterServer:
 async def serve(config: RouterConfig) -> RouterServer:
     """Build and start a router; ValueError for a bad model directory, RuntimeError if the port is taken."""
     model = ModelInfo.load(config.model_dir, config.served_model_name, config.max_model_len)
-    registry = AsyncRegistry(config.redis_url, config.cluster_name)
+    registry = AsyncRegistry(config.redis_url, config.cluster_name, secret=config.cluster_secret)
     flow = ColocatedOrchestrator if config.mode == "colocated" else Orchestrator
-    orchestrator = flow(config, model, registry, WorkerChannels(),
+    orchestrator = flow(config, model, registry, WorkerChannels(config.cluster_secret),
                         make_policy(config.policy, config.prefix_load_slack))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port)), *PENDING_CALLS])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port)), *PENDING_CALLS],
+                             interceptors=[PublicGuard(ApiKeys(config.api_keys), SERVICE_NAME)])
     metrics = RouterMetrics(model.name)
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator, metrics), server)
     health_servicer = health.aio.HealthServicer()
@@ -192,7 +196,9 @@ async def serve(config: RouterConfig) -> RouterServer:
     else:
         log.warning("grpcio-reflection is not installed: serving without reflection")
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        creds = grpc_credentials(config)
+        address = f"{config.host}:{config.port}"
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as exc:
         await registry.aclose()
         raise RuntimeError(f"router cannot bind {config.host}:{config.port}: {exc}") from None
@@ -202,6 +208,7 @@ async def serve(config: RouterConfig) -> RouterServer:
     except RuntimeError:
         await registry.aclose()
         raise
-    log.info("router on %s (HTTP %s): model %s, %s mode, policy %s, cluster %s", router.address, router.http_port,
+    log.info("router on %s (HTTP %s, %s, %s): model %s, %s mode, policy %s, cluster %s", router.address,
+             router.http_port, "TLS" if creds else "plaintext", "API keys" if config.api_keys else "no API key",
              model.name, config.mode, config.policy, config.cluster_name)
     return router

@@ -1,4 +1,10 @@
-"""Turn a GenerateRequest into token ids and validated SamplingParams, or an INVALID_ARGUMENT reason."""
+"""Turn a GenerateRequest into token ids and validated SamplingParams, or an INVALID_ARGUMENT reason.
+
+Sizes are checked before any work that grows with them: a text prompt's byte length before tokenizing (at
+most `MAX_BYTES_PER_TOKEN` bytes for each token of the context), a token-id list's length before it is
+read, then its range in one numpy pass (no per-id Python loop on the event loop), the stop strings' count
+and size before they are copied.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 from pdserve.v1 import generate_pb2 as pb
 
 from cluster.sampling_params import SamplingParams
@@ -14,6 +21,10 @@ from router.errors import invalid
 from router.model_info import ModelInfo
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_BYTES_PER_TOKEN = 64  # no tokenizer we serve packs more text into one token: a longer prompt cannot fit
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 1024  # per stop string
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ def validate(req: pb.GenerateRequest, model: ModelInfo) -> ValidRequest:
         raise invalid(f"unknown model {req.model!r}: this server serves {model.name!r}")
     if req.request_id and not _REQUEST_ID.match(req.request_id):
         raise invalid("request_id must be 1-128 characters of letters, digits and ._:-")
+    _check_stops(req.sampling)
     try:
         sampling = sampling_from_proto(req.sampling)
     except ValueError as exc:
@@ -36,20 +48,42 @@ def validate(req: pb.GenerateRequest, model: ModelInfo) -> ValidRequest:
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise invalid("prompt is required (text or token_ids)")
+    limit = model.max_model_len
     if kind == "text":
         if not req.text:
             raise invalid("prompt is empty")
+        size = len(req.text.encode())
+        if size > MAX_BYTES_PER_TOKEN * limit:
+            raise invalid(f"prompt of {size} bytes cannot fit in max_model_len ({limit} tokens)")
         token_ids = model.tokenizer.encode(req.text)
         if not token_ids:
             raise invalid("prompt encodes to zero tokens")
     else:
-        token_ids = list(req.token_ids.ids)
-        if not token_ids:
+        ids = req.token_ids.ids
+        if not ids:
             raise invalid("prompt is empty")
-        for i, t in enumerate(token_ids):
-            if not (0 <= t < model.vocab_size):
-                raise invalid(f"token id {t} at position {i} is out of the vocabulary [0, {model.vocab_size})")
-    n, limit = len(token_ids), model.max_model_len
+        if len(ids) + sampling.max_tokens > limit:  # before the ids are read
+            raise invalid(f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds max_model_len "
+                          f"({limit})")
+        token_ids = _in_vocab(np.array(ids, dtype=np.int64), model.vocab_size)
+    n = len(token_ids)
     if n + sampling.max_tokens > limit:
         raise invalid(f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds max_model_len ({limit})")
     return ValidRequest(req.request_id or uuid.uuid4().hex, token_ids, sampling)
+
+
+def _in_vocab(ids: np.ndarray, vocab_size: int) -> list[int]:
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise invalid(f"token id {int(ids[i])} at position {i} is out of the vocabulary [0, {vocab_size})")
+    return ids.tolist()
+
+
+def _check_stops(m: pb.SamplingParams) -> None:
+    if len(m.stop) > MAX_STOP_STRINGS:
+        raise invalid(f"at most {MAX_STOP_STRINGS} stop strings, got {len(m.stop)}")
+    if any(len(s.encode()) > MAX_STOP_BYTES for s in m.stop):
+        raise invalid(f"a stop string may have at most {MAX_STOP_BYTES} bytes")
+    if len(m.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(m.stop_token_ids)}")

@@ -18,6 +18,7 @@ from pdserve.v1 import worker_pb2 as wpb
 from pdserve.v1 import worker_pb2_grpc as wpb_grpc
 
 from cluster.cluster_config import ClusterConfig
+from cluster.grpc_auth import worker_channel
 from cluster.launcher import Cluster
 
 T = TypeVar("T")
@@ -39,11 +40,15 @@ class ClusterHarness:
     def address(self) -> str:
         return self.cluster.address
 
+    def worker_channel(self, address: str) -> grpc.Channel:
+        """A channel to a worker's internal service that carries the cluster secret's token."""
+        return worker_channel(address, self.cluster.secret)
+
     def worker_stats(self) -> list[wpb.WorkerStats]:
         """Each live worker's own report (GetStats over its internal gRPC service)."""
         stats = []
         for info in self.cluster.worker_info:
-            with grpc.insecure_channel(info["address"]) as ch:
+            with self.worker_channel(info["address"]) as ch:
                 try:
                     stats.append(wpb_grpc.WorkerServiceStub(ch).GetStats(wpb.StatsRequest(), timeout=5))
                 except grpc.RpcError:

@@ -217,7 +217,7 @@ def _error_of(client: Client, prompt_: list[int], **kw) -> PdserveError:
 @pytest.mark.timeout(30, func_only=True)
 def test_reservation_whose_kv_never_arrives_is_freed_at_lease_expiry(harness):
     decode = next(w for w in harness.cluster.worker_info if w["role"] == "decode")
-    with grpc.insecure_channel(decode["address"]) as channel:
+    with harness.worker_channel(decode["address"]) as channel:
         stub = wpb_grpc.WorkerServiceStub(channel)
 
         def wait_reserved(n: int) -> None:
@@ -299,7 +299,7 @@ async def _kill_decode_mid_stream(harness: ClusterHarness, ray) -> str:
 @pytest.mark.timeout(90, func_only=True)
 def test_killed_decode_worker_fails_its_streams_and_cluster_recovers(harness, ray_session):
     """Last: it leaves the cluster one decode worker short."""
-    registry = Registry(harness.cluster.redis_url, harness.cluster.config.cluster_name)
+    registry = Registry(harness.cluster.redis_url, harness.cluster.config.cluster_name, secret=harness.cluster.secret)
     infos = {w.worker_id: w for w, _ in registry.list_workers("decode")}
     victim = asyncio.run(_kill_decode_mid_stream(harness, ray_session))
     (survivor,) = set(infos) - {victim}

@@ -191,7 +191,7 @@ def _attach(harness, router_id: str):  # type: ignore[no-untyped-def]
     from pdserve.v1 import generate_pb2 as pb
     from pdserve.v1 import worker_pb2_grpc
 
-    channel = grpc.insecure_channel(harness.cluster.worker_info[0]["address"])
+    channel = harness.worker_channel(harness.cluster.worker_info[0]["address"])
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
     stream = stub.Attach(wpb.AttachRequest(router_id=router_id))
     assert not next(stream).steps  # the empty first message: attached

@@ -193,3 +193,21 @@ def test_chart_renders_workers_sharing_gpus(helm: tuple[Renderer, Callable[[], l
 def test_chart_needs_a_reachable_redis(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
     with pytest.raises(Exception, match="redis_url"):
         helm[0]({"redis": {"enabled": False}})
+
+
+def test_chart_security(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    """Keys and the cluster secret come from a Secret; a NetworkPolicy admits only the router's public ports
+    from outside the release."""
+    docs = helm[0]({"security": {"secretName": "llm-creds"}})
+    head = by_kind(docs, "Deployment")["demo-pdserve-head"]["spec"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs["PDSERVE_API_KEY"] == {"name": "llm-creds", "key": "api-key", "optional": True}
+    assert refs["PDSERVE_CLUSTER_SECRET"]["key"] == "cluster-secret"
+    policies = by_kind(docs, "NetworkPolicy")
+    public = policies["demo-pdserve-public"]["spec"]
+    assert public["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "head"
+    assert [p["port"] for p in public["ingress"][0]["ports"]] == [50051, 8000] and "from" not in public["ingress"][0]
+    inside = policies["demo-pdserve"]["spec"]["ingress"][0]
+    assert inside["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo"
+    assert "PDSERVE_API_KEY" not in {e["name"] for e in by_kind(helm[0]({}), "Deployment")["demo-pdserve-head"]
+                                     ["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -95,6 +95,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-target", type=float, default=0.9, help="share of requests that must meet the SLOs")
     p.add_argument("--num-warmups", type=int, default=2)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--api-key", help="the router's API key (default: PDSERVE_API_KEY)")
     p.add_argument("--connect-timeout", type=float, default=60.0)
 
 

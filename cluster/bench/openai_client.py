@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+from pdserve._request import API_KEY_ENV
 
 FALLBACK_VOCAB = 256  # token ids every byte-level tokenizer has, when neither server nor --model says more
 
@@ -74,14 +76,16 @@ class HttpStream:
 class OpenAIHttpClient:
     """The subset of `pdserve.AsyncClient` that `pdserve bench serve` drives, over HTTP."""
 
-    def __init__(self, base_url: str, timeout: float | None = None) -> None:
+    def __init__(self, base_url: str, timeout: float | None = None, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._model = ""
 
     async def __aenter__(self) -> OpenAIHttpClient:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -75,7 +75,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     lengths = LengthSpec(args.input_len, args.output_len, args.range_ratio, parse_range(args.input_range),
                          parse_range(args.output_range))
     async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(make_client(args.backend, args.target, args.request_timeout))
+        client = await stack.enter_async_context(
+            make_client(args.backend, args.target, args.request_timeout, args.api_key))
         await client.wait_until_serving(timeout=args.connect_timeout)
         info = await client.server_info()
         vocab = info.vocab_size  # openai: the served card's, else ids every tokenizer has (--model: the model's)
@@ -93,7 +94,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                 raise RuntimeError(f"warm-up request failed: {rec.error}")
         processes = None
         if args.client_processes > 1:
-            processes = ClientProcesses(args.backend, args.target, args.client_processes, args.request_timeout)
+            processes = ClientProcesses(args.backend, args.target, args.client_processes, args.request_timeout,
+                                        api_key=args.api_key)
             stack.push_async_callback(processes.close)
             await processes.start()
         folder = run_dir(args.out, "serve")  # only once the cluster has answered

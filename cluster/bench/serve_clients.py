@@ -96,22 +96,25 @@ async def run_schedule(client: Any, schedule: Schedule, t0: float,
     return list(await asyncio.gather(*(launch(i) for i in range(len(s.prompts)))))
 
 
-def make_client(backend: str, target: str, timeout: float | None) -> Any:
-    """The load generator's client: the gRPC SDK, or the same interface over the OpenAI HTTP API."""
+def make_client(backend: str, target: str, timeout: float | None, api_key: str | None = None) -> Any:
+    """The load generator's client: the gRPC SDK, or the same interface over the OpenAI HTTP API; `api_key`
+    (None: `PDSERVE_API_KEY`) as both take it."""
     if backend == "openai":
         from cluster.bench.openai_client import OpenAIHttpClient
 
-        return OpenAIHttpClient(target, timeout=timeout)
+        return OpenAIHttpClient(target, timeout=timeout, api_key=api_key)
     from pdserve import AsyncClient
 
-    return AsyncClient(target, timeout=timeout)
+    return AsyncClient(target, timeout=timeout, api_key=api_key)
 
 
-def _client_main(backend: str, target: str, timeout: float | None, conn: Connection, done: Any) -> None:
-    asyncio.run(_client_loop(backend, target, timeout, conn, done))
+def _client_main(backend: str, target: str, timeout: float | None, conn: Connection, done: Any,
+                 api_key: str | None) -> None:
+    asyncio.run(_client_loop(backend, target, timeout, conn, done, api_key))
 
 
-async def _client_loop(backend: str, target: str, timeout: float | None, conn: Connection, done: Any) -> None:
+async def _client_loop(backend: str, target: str, timeout: float | None, conn: Connection, done: Any,
+                       api_key: str | None) -> None:
     """One client process: connect, then per schedule: receive it, say so, wait for the start time, send it,
     return the records. End of file on the pipe (the parent is gone) or None ends it."""
     def count() -> None:
@@ -119,7 +122,7 @@ async def _client_loop(backend: str, target: str, timeout: float | None, conn: C
             done.value += 1
 
     try:
-        async with make_client(backend, target, timeout) as client:
+        async with make_client(backend, target, timeout, api_key) as client:
             await client.server_info()  # the connection exists before any timed request
             conn.send(("ready", None))
             while (schedule := await asyncio.to_thread(conn.recv)) is not None:
@@ -135,7 +138,8 @@ async def _client_loop(backend: str, target: str, timeout: float | None, conn: C
 class ClientProcesses:
     """K spawned client processes, each with its own client (own connection) to `target` (`make_client`)."""
 
-    def __init__(self, backend: str, target: str, k: int, timeout: float | None = None) -> None:
+    def __init__(self, backend: str, target: str, k: int, timeout: float | None = None,
+                 api_key: str | None = None) -> None:
         if k < 1:
             raise ValueError(f"client processes must be >= 1, got {k}")
         ctx = mp.get_context("spawn")
@@ -144,7 +148,8 @@ class ClientProcesses:
         self._procs: list[Any] = []
         for _ in range(k):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_client_main, args=(backend, target, timeout, theirs, self.done), daemon=True)
+            proc = ctx.Process(target=_client_main, args=(backend, target, timeout, theirs, self.done, api_key),
+                               daemon=True)
             proc.start()
             theirs.close()
             self._conns.append(mine)

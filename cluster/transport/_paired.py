@@ -174,8 +174,8 @@ class PairedTransport(KVTransport):
         return torch.cuda.Stream(self.cache.device, priority=-1 if self.high_priority else 0)
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
-        super().__init__(layout, cache, host=host)
+                 chunk_bytes: int = CHUNK_BYTES, secret: str = "") -> None:
+        super().__init__(layout, cache, host=host, secret=secret)
         self.chunk_bytes = chunk_bytes
         self._lock = threading.Lock()
         self._out: dict[str, OutPair] = {}
@@ -189,7 +189,8 @@ class PairedTransport(KVTransport):
                 raise TransportError("transport is closed")
             if self._listener is None:
                 self._prepare_listen()
-                self._listener = CtlListener(self.host, self._serve_pair, name=f"kv-{self.name}")
+                self._listener = CtlListener(self.host, self._serve_pair, name=f"kv-{self.name}",
+                                             secret=self.secret)
             return self._listener.endpoint
 
     def _prepare_listen(self) -> None:

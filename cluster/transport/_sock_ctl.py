@@ -5,6 +5,11 @@ accepted connection on a thread of its own. The sender holds one `CtlConn` per r
 small dicts; a timed-out or broken connection is never reused (the caller drops it and pairs again).
 Unlike a TCPStore, a message costs one syscall each way and no helper threads, so a handoff's control
 traffic stays in the tens of microseconds.
+
+With the cluster secret, a connection starts with a mutual hello before any other message: the listener
+sends a fresh nonce, the sender answers with its HMAC under the secret and a nonce of its own, the listener
+answers that one's HMAC (`cluster.secret.mac`). A side that fails to prove it knows the secret is dropped
+at once, so neither a stranger's sender nor a stranger's listener ever sees a control message.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import secrets
 import select
 import socket
 import struct
@@ -22,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cluster.secret import mac, same
 from cluster.transport.base import TransportError, format_endpoint, parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ _MAX_MESSAGE = 1 << 26
 _SEND_TIMEOUT_S = 30.0  # messages are tiny: a send only blocks if the peer stopped reading altogether
 _PR_SET_TIMERSLACK = 29
 _FINE_SLACK_NS = 1000
+_HELLO_TIMEOUT_S = 5.0  # each step of the hello; a peer that does not know the protocol fails within it
 
 
 def fine_timer_slack() -> None:
@@ -52,12 +60,40 @@ class CtlConn:
         self.closed = False
 
     @classmethod
-    def connect(cls, endpoint: str, timeout_s: float) -> CtlConn:
+    def connect(cls, endpoint: str, timeout_s: float, secret: str = "") -> CtlConn:
+        """A connection to the listener at `endpoint`; with `secret`, after the mutual hello."""
         host, port = parse_endpoint(endpoint)
         try:
-            return cls(socket.create_connection((host, port), timeout=max(timeout_s, 0.001)))
+            conn = cls(socket.create_connection((host, port), timeout=max(timeout_s, 0.001)))
         except OSError as e:
             raise TransportError(f"KV receiver {endpoint} unreachable: {e}") from e
+        if secret:
+            try:
+                conn._hello_as_sender(secret, min(timeout_s, _HELLO_TIMEOUT_S))
+            except (TransportError, TimeoutError, ValueError, KeyError, TypeError) as e:
+                conn.close()
+                raise TransportError(f"KV receiver {endpoint} failed the cluster hello: {e}") from None
+        return conn
+
+    def _hello_as_sender(self, secret: str, timeout_s: float) -> None:
+        theirs = str(self.recv(timeout_s)["nonce"])
+        ours = secrets.token_hex(16)
+        self.send({"mac": mac(secret, "kv-ctl-sender", theirs.encode()), "nonce": ours})
+        if not same(str(self.recv(timeout_s)["mac"]), mac(secret, "kv-ctl-receiver", ours.encode())):
+            raise ValueError("the receiver does not know the cluster secret")
+
+    def hello_as_receiver(self, secret: str) -> bool:
+        """The listener's side of the hello; False (the caller drops the connection) if the peer fails it."""
+        ours = secrets.token_hex(16)
+        try:
+            self.send({"nonce": ours})
+            reply = self.recv(_HELLO_TIMEOUT_S)
+            if not same(str(reply["mac"]), mac(secret, "kv-ctl-sender", ours.encode())):
+                return False
+            self.send({"mac": mac(secret, "kv-ctl-receiver", str(reply["nonce"]).encode())})
+        except (TransportError, TimeoutError, ValueError, KeyError, TypeError):
+            return False
+        return True
 
     def send(self, msg: dict[str, Any]) -> None:
         data = json.dumps(msg).encode()
@@ -109,9 +145,11 @@ class CtlConn:
 
 
 class CtlListener:
-    """Receiver side: accepts control connections and runs `handler(conn)` for each on its own thread."""
+    """Receiver side: accepts control connections and runs `handler(conn)` for each on its own thread (with
+    `secret`, only for those that pass the hello)."""
 
-    def __init__(self, host: str, handler: Callable[[CtlConn], None], name: str) -> None:
+    def __init__(self, host: str, handler: Callable[[CtlConn], None], name: str, secret: str = "") -> None:
+        self._secret = secret
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, 0), family=family, backlog=64)
         self.endpoint = format_endpoint(host, self._sock.getsockname()[1])
@@ -143,6 +181,9 @@ class CtlListener:
     def _serve(self, conn: CtlConn) -> None:
         fine_timer_slack()  # handlers poll CUDA events with short sleeps
         try:
+            if self._secret and not conn.hello_as_receiver(self._secret):
+                log.warning("KV control connection refused: the peer does not know the cluster secret")
+                return
             self._handler(conn)
         except Exception:
             log.exception("KV control connection handler failed")

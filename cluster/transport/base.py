@@ -58,9 +58,10 @@ class KVTransport(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1", secret: str = "") -> None:
         """`cache` is the engine's whole paged cache (written in place); `host` is the address `listen`
-        binds where it can and puts in the endpoint: the worker's reachable address for cross-host use."""
+        binds where it can and puts in the endpoint: the worker's reachable address for cross-host use;
+        `secret` (the cluster's) authenticates both ends of every connection."""
         expected_shape = layout.cache_shape(cache.shape[2]) if cache.dim() == 6 else None
         if expected_shape is None or tuple(cache.shape) != expected_shape or cache.dtype != layout.dtype:
             raise ValueError(f"cache {tuple(cache.shape)}/{cache.dtype} does not match layout {layout}")
@@ -69,6 +70,7 @@ class KVTransport(ABC):
         self.layout = layout
         self.cache = cache
         self.host = host
+        self.secret = secret
         self._cv = threading.Condition()
         self._expected: dict[str, _Expected] = {}
 

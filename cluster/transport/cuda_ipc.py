@@ -255,7 +255,7 @@ class CudaIpcTransport(PairedTransport):
     # --- sender -------------------------------------------------------------------------------------
     def _connect(self, endpoint: str, deadline: float) -> _IpcLink:
         cupy = _cupy()
-        ctl = CtlConn.connect(endpoint, self._left(deadline))
+        ctl = CtlConn.connect(endpoint, self._left(deadline), self.secret)
         with torch.cuda.device(self._dev):
             event = torch.cuda.Event(interprocess=True)
             handle = event.ipc_handle()

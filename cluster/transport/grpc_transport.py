@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cluster.engine.kv_layout import KVLayout
+from cluster.secret import METADATA_KEY, mac, metadata_value, same
 from cluster.transport import kv_transfer_pb2 as pb
 from cluster.transport import kv_transfer_pb2_grpc as pb_grpc
 from cluster.transport.base import KVTransport, TransportError, TransportRejected, format_endpoint
@@ -53,8 +54,9 @@ class GrpcTransport(KVTransport):
     name = "grpc"
 
     def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
-                 max_workers: int = 4, chunk_bytes: int = CHUNK_BYTES) -> None:
-        super().__init__(layout, cache, host=host)
+                 max_workers: int = 4, chunk_bytes: int = CHUNK_BYTES, secret: str = "") -> None:
+        super().__init__(layout, cache, host=host, secret=secret)
+        self._token = mac(secret, "kv-grpc") if secret else ""  # not the WorkerService token: a peer sees it
         if not 0 < chunk_bytes <= _MAX_MSG - (4 << 20):
             raise ValueError(f"chunk_bytes must be in (0, {_MAX_MSG - (4 << 20)}], got {chunk_bytes}")
         self._max_workers = max_workers
@@ -84,6 +86,8 @@ class GrpcTransport(KVTransport):
         def fail(status: int, error: str) -> pb.PushKVReply:
             return pb.PushKVReply(status=status, error=error)  # type: ignore[arg-type]
 
+        if self._token and not same(metadata_value(context.invocation_metadata(), METADATA_KEY) or "", self._token):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this KV receiver needs the cluster secret")
         first = next(chunks, None)
         if first is None or not first.HasField("header"):
             return fail(pb.PushKVReply.ERROR, "stream does not start with a header")
@@ -148,7 +152,8 @@ class GrpcTransport(KVTransport):
         try:
             if left <= 0:
                 raise TransportError("KV send timed out while gathering")
-            reply = self._stub(endpoint).PushKV(_chunks(header, _as_bytes_view(data), self._chunk), timeout=left)
+            reply = self._stub(endpoint).PushKV(_chunks(header, _as_bytes_view(data), self._chunk), timeout=left,
+                                                metadata=((METADATA_KEY, self._token),) if self._token else None)
         except grpc.RpcError as e:
             code: Any = e.code() if isinstance(e, grpc.Call) else None
             if code == grpc.StatusCode.UNAVAILABLE:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -155,8 +156,11 @@ class _TorchDistTransport(DistReceiver, PairedTransport):
     # --- process groups -----------------------------------------------------------------------------
     def _new_pg(self, store: dist.Store, pair: int, rank: int, timeout_s: float) -> Any:
         prefixed = dist.PrefixStore(f"pg/{pair}/", store)
-        if self.backend == "gloo":
-            return dist.ProcessGroupGloo(prefixed, rank, 2, td(timeout_s))
+        if self.backend == "gloo":  # its pair sockets on `host`, not on the interface of the host's name
+            gloo = dist.ProcessGroupGloo._Options()
+            gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+            gloo._timeout = td(timeout_s)
+            return dist.ProcessGroupGloo(prefixed, rank, 2, gloo)
         opts = dist.ProcessGroupNCCL.Options()
         opts.is_high_priority_stream = self.high_priority
         opts._timeout = _NCCL_PG_TIMEOUT
@@ -201,16 +205,20 @@ class _TorchDistTransport(DistReceiver, PairedTransport):
 
     # --- receiver -----------------------------------------------------------------------------------
     def _prepare_listen(self) -> None:
-        """Host the TCPStore the pairs' process groups meet on."""
-        self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=60))
+        """Host the TCPStore the pairs' process groups meet on, on `host` only: the store is handed a socket
+        bound there (by itself, it would listen on every interface)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.create_server((self.host, 0), family=family, backlog=64) as sock:
+            port, fd = sock.getsockname()[1], sock.detach()  # the store owns the socket from here on
+        self._store = dist.TCPStore(self.host, port, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=60), master_listen_fd=fd)
 
     # --- sender -------------------------------------------------------------------------------------
     def _describe(self, e: BaseException) -> str:
         return first_line(e)
 
     def _connect(self, endpoint: str, deadline: float) -> _DistLink:
-        ctl = CtlConn.connect(endpoint, self._left(deadline))
+        ctl = CtlConn.connect(endpoint, self._left(deadline), self.secret)
         try:
             ctl.send({"op": "pair", "timeout": self._left(deadline)})
             try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.config import EngineConfig
 
@@ -16,7 +16,7 @@ class WorkerConfig:
 
     role: str
     engine: EngineConfig
-    redis_url: str
+    redis_url: str = field(repr=False)  # may carry the Redis password
     cluster_name: str = "default"
     worker_id: str = ""  # "" -> "<role>-<random>"
     transport: str = "gloo"  # resolved by the launcher ("auto" never reaches a worker); colocated: "none"
@@ -28,6 +28,7 @@ class WorkerConfig:
     # The engine thread holds the GIL for long stretches; KV transfer threads then wait up to Python's 5 ms
     # switch interval per acquisition. `bench kv --receiver-busy` measured 47 ms -> 6.9 ms per handoff at 0.5.
     gil_switch_interval_ms: float = 0.5
+    cluster_secret: str = field(default="", repr=False)  # closes WorkerService, the KV channel, registry entries
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

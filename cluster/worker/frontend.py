@@ -11,7 +11,10 @@ socket to it:
   a request's outputs are bounded by its max_tokens). When a router's stream ends, the engine aborts the
   requests it carried.
 
-    python -m cluster.worker.frontend --fd N --host 127.0.0.1
+Every call must carry the cluster's worker token (`cluster.secret`; the secret comes in the environment,
+never in argv), else it is refused at once with UNAUTHENTICATED.
+
+    PDSERVE_CLUSTER_SECRET=... python -m cluster.worker.frontend --fd N --host 127.0.0.1
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from typing import Any
 import grpc
 from pdserve.v1 import generate_pb2 as pb
 from pdserve.v1 import worker_pb2 as wpb
+
+from cluster.grpc_auth import TokenGuard
+from cluster.secret import pop_env_secret, worker_token
 
 log = logging.getLogger(__name__)
 SERVICE = "pdserve.v1.WorkerService"
@@ -168,15 +174,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-async def serve(conn: Connection, host: str) -> None:
+async def serve(conn: Connection, host: str, secret: str) -> None:
     loop = asyncio.get_running_loop()
     front = FrontEnd(conn, loop)
+    guard = [TokenGuard(worker_token(secret))] if secret else []
     # gRPC core sheds calls the event loop has not taken up yet past max_pending_requests (as bare CANCELLED);
     # every call must reach the servicer, which answers overload itself (RESOURCE_EXHAUSTED).
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE),
-                                      ("grpc.server.max_pending_requests", 1 << 16),
-                                      ("grpc.server.max_pending_requests_hard_limit", 1 << 16)])
+    server = grpc.aio.server(interceptors=guard, options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                                          ("grpc.max_send_message_length", MAX_MESSAGE),
+                                                          ("grpc.server.max_pending_requests", 1 << 16),
+                                                          ("grpc.server.max_pending_requests_hard_limit", 1 << 16)])
     server.add_generic_rpc_handlers((front.handlers(),))
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
@@ -193,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True, help="address to bind")
     args = parser.parse_args(argv)
     _die_with_parent()
+    secret = pop_env_secret()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conn = Connection(socket.socket(fileno=args.fd).detach())
-    asyncio.run(serve(conn, args.host))
+    asyncio.run(serve(conn, args.host, secret))
     os._exit(0)  # grpc's threads must not hold the exit
 
 

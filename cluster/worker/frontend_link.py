@@ -27,6 +27,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from cluster.secret import ENV as SECRET_ENV
 from cluster.worker.engine_loop import EngineLoop, StepBatch
 from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
@@ -37,10 +38,11 @@ _START_TIMEOUT_S = 60.0
 class _Process:
     """One front end process and the socket to it, with its own outgoing queue and writer thread."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, secret: str) -> None:
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.worker.frontend", "--fd", str(theirs.fileno()),
-                                      "--host", host], pass_fds=(theirs.fileno(),))
+                                      "--host", host], pass_fds=(theirs.fileno(),),
+                                     env={**os.environ, SECRET_ENV: secret})  # never in argv
         theirs.close()
         self.sock, self.conn = ours, Connection(os.dup(ours.fileno()))
         self.out: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
@@ -82,9 +84,10 @@ class _Process:
 
 
 class FrontendLink:
-    def __init__(self, servicer: WorkerServicerBase, loop: EngineLoop, host: str,
+    def __init__(self, servicer: WorkerServicerBase, loop: EngineLoop, host: str, secret: str = "",
                  on_lost: Callable[[], None] | None = None) -> None:
         self.servicer = servicer
+        self._secret = secret
         self.engine_loop = loop
         self.host = host
         self.on_lost = on_lost
@@ -94,9 +97,10 @@ class FrontendLink:
         self._aio: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
-        """Start a front end process (replacing a lost one); returns its gRPC port once it serves."""
+        """Start a front end process (replacing a lost one; the cluster secret in its environment); returns its
+        gRPC port once it serves."""
         self._aio = asyncio.get_running_loop()
-        front = _Process(self.host)
+        front = _Process(self.host, self._secret)
         try:
             self.port = await asyncio.to_thread(front.wait_ready)
         except BaseException:

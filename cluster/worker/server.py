@@ -51,7 +51,8 @@ class WorkerServer:
         engine = await asyncio.to_thread(LLMEngine, self._engine_config())
         self.loop = EngineLoop(engine)
         self.servicer = await self.servicer_cls.create(cfg, self.worker_id, self.loop)
-        self._frontend = FrontendLink(self.servicer, self.loop, cfg.host, on_lost=self._frontend_lost)
+        self._frontend = FrontendLink(self.servicer, self.loop, cfg.host, cfg.cluster_secret,
+                                      on_lost=self._frontend_lost)
         port = await self._frontend.start()
         self.address = f"{cfg.host}:{port}"
         stats = self.loop.stats
@@ -61,7 +62,7 @@ class WorkerServer:
             transport=transport.name if transport is not None else NO_TRANSPORT,
             transport_endpoint=self.servicer.endpoint, host_id=socket.gethostname(),
             total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size)
-        self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name)
+        self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name, secret=cfg.cluster_secret)
         await self._registry.register(self._info, self._ttl, self._load())
         aio_loop = asyncio.get_running_loop()
         self.loop.on_blocks_freed = lambda: aio_loop.call_soon_threadsafe(self._blocks_freed.set)

@@ -1,7 +1,7 @@
 """pdserve client SDK and the pdserve.v1 gRPC contract (generated code in `pdserve.v1`).
 
     from pdserve import Client
-    with Client("127.0.0.1:50051") as c:
+    with Client("127.0.0.1:50051", api_key="KEY") as c:  # api_key: default PDSERVE_API_KEY
         print(c.generate("Hello", max_tokens=8, temperature=0).text)
 """
 
@@ -18,6 +18,7 @@ from pdserve.errors import (
     NotFoundError,
     PdserveError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
 )
@@ -29,5 +30,6 @@ __all__ = [
     "AbortedError", "AlreadyExistsError", "AsyncClient", "AsyncGenerateStream", "CancelledError", "Client",
     "DeadlineExceededError", "FailedPreconditionError", "GenerateDelta", "GenerateResult", "GenerateStream",
     "InternalError", "InvalidArgumentError", "NotFoundError", "PdserveError", "ResourceExhaustedError",
-    "ServerInfo", "Timing", "TokenLogprobs", "UnavailableError", "UnimplementedError", "Usage", "__version__",
+    "ServerInfo", "Timing", "TokenLogprobs", "UnauthenticatedError", "UnavailableError", "UnimplementedError",
+    "Usage", "__version__",
 ]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import grpc
 
 from pdserve.errors import InternalError, InvalidArgumentError
 from pdserve.types import GenerateDelta, GenerateResult, Timing, TokenLogprobs, Usage
@@ -98,14 +102,43 @@ class Accumulator:
         )
 
 
+API_KEY_ENV = "PDSERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a client reaches the router: its API key (sent as `authorization: Bearer KEY` metadata; None:
+    `PDSERVE_API_KEY`, if set) and TLS (`tls=True`; PEM bytes: the CA to trust, default the system's, and
+    for mutual TLS the client's key and certificate chain)."""
+
+    api_key: str | None = None
+    tls: bool = False
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV, "")
+        return (("authorization", f"Bearer {key}"),) if key else ()
+
+    def channel(self, grpc_module: Any, target: str, options: list[tuple[str, Any]]) -> Any:
+        """A channel of `grpc` or `grpc.aio`, secure when `tls` (or any PEM is given)."""
+        if not (self.tls or self.root_certificates or self.private_key or self.certificate_chain):
+            return grpc_module.insecure_channel(target, options=options)
+        creds = grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+        return grpc_module.secure_channel(target, creds, options=options)
+
+
 class ClientBase:
-    """What `Client` and `AsyncClient` share: the channel, the stub and the default deadline."""
+    """What `Client` and `AsyncClient` share: the channel, the stub, the call metadata and the default
+    deadline."""
 
     def __init__(self, target: str, timeout: float | None, options: Sequence[tuple[str, Any]] | None,
-                 make_channel: Callable[..., Any]) -> None:
+                 grpc_module: Any, security: Security) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = make_channel(target, options=list(options or ()))
+        self._metadata = security.metadata()
+        self._channel = security.channel(grpc_module, target, list(options or ()))
         self._stub = pb_grpc.GenerateServiceStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:

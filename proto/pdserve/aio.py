@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from pdserve._health import health_modules
-from pdserve._request import Accumulator, ClientBase, build_request
+from pdserve._request import Accumulator, ClientBase, Security, build_request
 from pdserve.errors import DeadlineExceededError, from_rpc_error
 from pdserve.types import GenerateDelta, GenerateResult, ServerInfo
 from pdserve.v1 import generate_pb2 as pb
@@ -73,11 +73,14 @@ class AsyncGenerateStream:
 
 
 class AsyncClient(ClientBase):
-    """grpc.aio client for a pdserve router; same API as `Client`, with coroutines."""
+    """grpc.aio client for a pdserve router; same API (and keys, TLS) as `Client`, with coroutines."""
 
     def __init__(self, target: str, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None) -> None:
-        super().__init__(target, timeout, options, grpc.aio.insecure_channel)
+                 options: Sequence[tuple[str, Any]] | None = None, *, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None) -> None:
+        super().__init__(target, timeout, options, grpc.aio,
+                         Security(api_key, tls, root_certificates, private_key, certificate_chain))
 
     def generate_stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float = 1.0,
                         top_k: int = -1, top_p: float = 1.0, seed: int | None = None,
@@ -89,7 +92,8 @@ class AsyncClient(ClientBase):
                             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                             logprobs=logprobs, request_id=request_id, model=model)
         acc = Accumulator()
-        return AsyncGenerateStream(self._stub.Generate(req, timeout=self._timeout(timeout)), acc)
+        call = self._stub.Generate(req, timeout=self._timeout(timeout), metadata=self._metadata)
+        return AsyncGenerateStream(call, acc)
 
     async def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 16, temperature: float = 1.0,
                        top_k: int = -1, top_p: float = 1.0, seed: int | None = None,
@@ -106,7 +110,8 @@ class AsyncClient(ClientBase):
 
     async def server_info(self, timeout: float | None = None) -> ServerInfo:
         try:
-            reply = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout))
+            reply = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout),
+                                              metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return ServerInfo.from_proto(reply)

@@ -74,11 +74,17 @@ class InternalError(PdserveError):
     default_code = grpc.StatusCode.INTERNAL
 
 
+class UnauthenticatedError(PdserveError):
+    """No API key, or a wrong one."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[PdserveError]] = {
     cls.default_code: cls
     for cls in (InvalidArgumentError, ResourceExhaustedError, UnavailableError, DeadlineExceededError,
                 CancelledError, AbortedError, AlreadyExistsError, NotFoundError, FailedPreconditionError,
-                UnimplementedError, InternalError)
+                UnimplementedError, InternalError, UnauthenticatedError)
 }
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.auth import ApiKeys
 from router.http.chat_template import ChatTemplate
 from router.http.completions import Completions, dumps
 from router.http.errors import ApiError
@@ -55,12 +57,14 @@ class HttpServer:
     """A running HTTP endpoint; `port` is the bound port (useful with port 0)."""
 
     def __init__(self, orchestrator: Orchestrator, metrics: RouterMetrics, is_serving: Callable[[], bool],
-                 host: str, port: int) -> None:
+                 host: str, port: int, keys: ApiKeys | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.orch, self.metrics, self.host, self.port = orchestrator, metrics, host, port
+        self._ssl = ssl_context
         self._is_serving = is_serving
         self._created = int(time.time())
         completions = Completions(orchestrator, metrics, ChatTemplate.load(orchestrator.config.model_dir))
-        app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+        guard = [keys.http_middleware()] if keys else []
+        app = web.Application(middlewares=[_errors, *guard], client_max_size=MAX_BODY)
         app.router.add_post("/v1/completions", completions.completions)
         app.router.add_post("/v1/chat/completions", completions.chat)
         app.router.add_get("/v1/models", self.models)
@@ -72,7 +76,7 @@ class HttpServer:
     async def start(self) -> None:
         """Bind and serve; RuntimeError if the port cannot be bound."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=True, ssl_context=self._ssl)
         try:
             await site.start()
         except OSError as exc:

@@ -88,6 +88,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: disabled
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+{{- with .Values.security.secretName }}
+- name: PDSERVE_API_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: api-key, optional: true}
+- name: PDSERVE_CLUSTER_SECRET
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: cluster-secret, optional: true}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}

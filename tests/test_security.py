@@ -1,0 +1,337 @@
+"""Issue 15 on one real CPU cluster (API keys, TLS on both public ports, the closed internal plane, limits
+before work, listeners on the configured host); mutual TLS on a router alone."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import grpc
+import openai
+import pdserve
+import psutil
+import pytest
+import redis
+from pdserve.v1 import generate_pb2 as pb
+from pdserve.v1 import worker_pb2 as wpb
+
+from cluster.cluster_config import ClusterConfig
+from cluster.config import EngineOptions
+from cluster.registry import Registry, WorkerInfo
+from cluster.transport._sock_ctl import CtlConn, CtlListener
+from cluster.transport.base import TransportError
+from tests.cluster_harness import ClusterHarness
+
+KEY = "test-key-1"
+GREEDY = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+WORKER_METHODS = {"Reserve": wpb.ReserveRequest(request_id="x", num_tokens=8, lease_ms=2**31 - 1),
+                  "Prefill": wpb.PrefillRequest(request_id="x", token_ids=[1, 2, 3]),
+                  "Decode": wpb.DecodeRequest(request_id="x"), "Generate": wpb.WorkerGenerateRequest(request_id="x"),
+                  "Cancel": wpb.CancelRequest(request_id="x"), "GetStats": wpb.StatsRequest()}
+
+
+def _certs(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def make(name: str, issuer: tuple | None, ca: bool = False, san: list | None = None) -> tuple:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer[0].subject if issuer else subject)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer[1] if issuer else key, hashes.SHA256()), key
+
+    import ipaddress
+
+    ca = make("pdserve-test-ca", None, ca=True)
+    server = make("127.0.0.1", ca, san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client = make("client", ca)
+    out = {}
+    for name, (cert, key) in {"ca": ca, "server": server, "client": client}.items():
+        out[f"{name}.crt"] = folder / f"{name}.crt"
+        out[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{name}.key"] = folder / f"{name}.key"
+        out[f"{name}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def harness(ray_session, tiny_llama, certs):  # type: ignore[no-untyped-def]
+    config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=1, transport="gloo", port=0, http_port=0,
+                           cluster_name="security", engine=EngineOptions(num_kv_blocks=64, max_num_seqs=8),
+                           api_keys=(KEY, "test-key-2"), tls_cert=str(certs["server.crt"]),
+                           tls_key=str(certs["server.key"]))
+    h = ClusterHarness(config)
+    yield h
+    h.close()
+
+
+def _client(harness: ClusterHarness, certs: dict[str, Path], key: str | None) -> pdserve.Client:
+    return pdserve.Client(f"localhost:{harness.cluster.router.port}", timeout=30, api_key=key, tls=True,
+                          root_certificates=certs["ca.crt"].read_bytes())
+
+
+def test_grpc_keys_over_tls(harness, certs, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    for key in (None, "wrong"):
+        with _client(harness, certs, key) as c, pytest.raises(pdserve.UnauthenticatedError):
+            c.generate("The river runs", **GREEDY)
+        with _client(harness, certs, key) as c:
+            assert c.health() == "SERVING"  # health stays open
+    with _client(harness, certs, KEY) as c:
+        assert len(c.generate("The river runs", **GREEDY).token_ids) == 4
+    monkeypatch.setenv("PDSERVE_API_KEY", "test-key-2")
+    with _client(harness, certs, None) as c:
+        assert c.server_info().num_decode_workers == 1
+    with pdserve.Client(f"localhost:{harness.cluster.router.port}", timeout=5, api_key=KEY) as plain, \
+            pytest.raises(pdserve.PdserveError):
+        plain.generate("The river runs", **GREEDY)  # plaintext to a TLS port
+
+
+def test_reflection_needs_a_key(harness, certs):  # type: ignore[no-untyped-def]
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    creds = grpc.ssl_channel_credentials(certs["ca.crt"].read_bytes())
+    with grpc.secure_channel(f"localhost:{harness.cluster.router.port}", creds) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        ask = lambda: iter([reflection_pb2.ServerReflectionRequest(list_services="")])  # noqa: E731
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ServerReflectionInfo(ask(), timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        replies = list(stub.ServerReflectionInfo(ask(), timeout=5, metadata=(("authorization", f"Bearer {KEY}"),)))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert "pdserve.v1.GenerateService" in names
+
+
+def test_http_keys_over_tls(harness, certs):  # type: ignore[no-untyped-def]
+    import httpx2 as httpx
+
+    base = f"https://localhost:{harness.cluster.router.http_port}/v1"
+    http = httpx.Client(verify=str(certs["ca.crt"]))
+    for key in ("", "wrong"):
+        with pytest.raises(openai.AuthenticationError) as err:
+            openai.OpenAI(base_url=base, api_key=key or "none", http_client=http, max_retries=0).completions.create(
+                model="tiny-llama", prompt="Hello", max_tokens=2)
+        assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    ok = openai.OpenAI(base_url=base, api_key=KEY, http_client=http, max_retries=0)
+    model = ok.models.list().data[0].id
+    assert ok.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0).choices[0].text
+    assert http.get(f"https://localhost:{harness.cluster.router.http_port}/health").status_code == 200
+
+
+def test_every_worker_method_refuses_a_caller_without_the_secret(harness):  # type: ignore[no-untyped-def]
+    for info in harness.cluster.worker_info:
+        with grpc.insecure_channel(info["address"]) as ch:
+            for method, request in WORKER_METHODS.items():
+                call = ch.unary_unary(f"/pdserve.v1.WorkerService/{method}",
+                                      request_serializer=type(request).SerializeToString)
+                t0 = time.perf_counter()
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=5, metadata=(("x-pdserve-cluster-token", "guess"),))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+                assert time.perf_counter() - t0 < 1.0
+            attach = ch.unary_stream("/pdserve.v1.WorkerService/Attach",
+                                     request_serializer=wpb.AttachRequest.SerializeToString)
+            with pytest.raises(grpc.RpcError) as err:
+                list(attach(wpb.AttachRequest(router_id="intruder"), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stats = harness.worker_stats()  # with the secret: served
+    assert len(stats) == 2 and all(s.reserved_kv_blocks == 0 for s in stats)
+    prefill = next(w for w in harness.cluster.worker_info if w["role"] == "prefill")
+    with harness.worker_channel(prefill["address"]) as ch:  # even with the secret: no destination, no forward
+        call = ch.unary_unary("/pdserve.v1.WorkerService/Prefill",
+                              request_serializer=wpb.PrefillRequest.SerializeToString)
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            call(wpb.PrefillRequest(request_id="no-dest", token_ids=[5] * 1000), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.perf_counter() - t0 < 0.5
+
+
+def test_kv_control_channel_refuses_a_peer_without_the_secret(harness):  # type: ignore[no-untyped-def]
+    registry = Registry(harness.cluster.redis_url, "security", secret=harness.cluster.secret)
+    (decode,) = [w for w, _ in registry.list_workers("decode")]
+    conn = CtlConn.connect(decode.transport_endpoint, 5.0)  # no hello: the receiver drops it
+    conn.send({"op": "pair", "timeout": 5.0})
+    with pytest.raises(TransportError):
+        while True:
+            conn.recv(5.0)
+    with pytest.raises(TransportError, match="hello"):
+        CtlConn.connect(decode.transport_endpoint, 5.0, secret="not-the-secret")
+    registry.close()
+
+
+def test_ctl_hello_both_ways():
+    """A listener with the secret serves its holders only; a sender never talks to a listener without it."""
+    served = []
+    listener = CtlListener("127.0.0.1", lambda c: served.append(c.recv(5.0)), "hello", secret="s3")
+    plain = CtlListener("127.0.0.1", lambda c: c.recv(5.0), "plain")
+    try:
+        conn = CtlConn.connect(listener.endpoint, 5.0, secret="s3")
+        conn.send({"op": "x"})
+        deadline = time.monotonic() + 5
+        while not served and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served == [{"op": "x"}]
+        t0 = time.perf_counter()
+        with pytest.raises(TransportError):  # a listener that does not know the protocol: no hello arrives
+            CtlConn.connect(plain.endpoint, 0.3, secret="s3")
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        listener.close()
+        plain.close()
+
+
+def test_redis_refuses_commands_without_the_password(harness):  # type: ignore[no-untyped-def]
+    url = harness.cluster.redis_url
+    assert "@" in url
+    host, port = url.rsplit("@", 1)[1].split("/")[0].split(":")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=host, port=int(port)).keys("*")
+    assert redis.Redis.from_url(url).ping()
+
+
+def test_unsigned_registry_entry_is_never_used(harness, certs):  # type: ignore[no-untyped-def]
+    """A prefill worker registered by hand (Redis password, no cluster secret) gets no prompt."""
+    from tests.sdk_router_helpers import FakeWorker
+
+    class Spy(FakeWorker):
+        prompts: list[str] = []
+
+        def Prefill(self, req, ctx):  # type: ignore[no-untyped-def]  # noqa: N802
+            self.prompts.append(req.request_id)
+            return super().Prefill(req, ctx)
+
+    fake = Spy("prefill")
+    forged = Registry(harness.cluster.redis_url, "security")
+    forger = Registry(harness.cluster.redis_url, "security", secret="a-guess")
+    try:
+        for reg, wid in ((forged, "prefill-evil"), (forger, "prefill-evil2")):
+            reg.register(WorkerInfo(wid, "prefill", f"127.0.0.1:{fake.port}", "tiny", "gloo", "", "h", 100, 16),
+                         ttl_s=60)
+        harness.run(harness.cluster.router.orchestrator.view.refresh())
+        with _client(harness, certs, KEY) as c:
+            for i in range(6):
+                assert c.generate(f"secret prompt {i}", **GREEDY).prefill_worker == "prefill-0"
+        assert not fake.prompts
+    finally:
+        forged.deregister("prefill-evil")
+        forged.deregister("prefill-evil2")
+        forged.close()
+        forger.close()
+        fake.server.stop(0)
+
+
+def test_limits_before_work(harness, certs):  # type: ignore[no-untyped-def]
+    with _client(harness, certs, KEY) as c:
+        c.generate("warm", **GREEDY)
+        cases = {"2 MB text": dict(prompt="a" * (2 << 20)), "3.9 M ids": dict(prompt=[1] * 3_900_000),
+                 "17 stops": dict(prompt="hi", stop=[f"s{i}" for i in range(17)]),
+                 "long stop": dict(prompt="hi", stop=["x" * 4096])}
+        for name, kw in cases.items():
+            t0 = time.perf_counter()
+            with pytest.raises(pdserve.InvalidArgumentError):
+                c.generate(**{**GREEDY, **kw})
+            # the client's own encoding of 3.9 M ids is not the server's time; 50 ms is the server's budget
+            assert time.perf_counter() - t0 < (0.5 if "ids" in name else 0.05), name
+    creds = grpc.ssl_channel_credentials(certs["ca.crt"].read_bytes())
+    with grpc.secure_channel(f"localhost:{harness.cluster.router.port}", creds) as ch:
+        call = ch.unary_stream("/pdserve.v1.GenerateService/Generate")
+        for junk in (b"\xff\xff\xff", pb.GenerateRequest(text="hello").SerializeToString()[:-2]):
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(junk, timeout=5, metadata=(("authorization", f"Bearer {KEY}"),)))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert time.perf_counter() - t0 < 0.05
+
+
+def test_every_listener_is_on_the_configured_host(harness):  # type: ignore[no-untyped-def]
+    """Router, HTTP, worker front ends, KV control and TCPStore, redis-server: loopback only. Ray's own
+    daemons are left out, and in each Ray process (this driver, each worker actor) one listener may be on
+    every interface: Ray's core worker gRPC server, which Ray binds so (docs/deploy.md)."""
+    ray_daemons = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor", "ray::idle")
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    ports, wide = set(), {}
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            name, cmd = proc.name(), " ".join(proc.cmdline())
+            listening = [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(n in name.lower() or n in cmd.lower() for n in ray_daemons) and "WorkerActor" not in cmd:
+            continue
+        ports |= {a.port for a in listening}
+        others = [a for a in listening if a.ip not in loopback]
+        if others:
+            wide[(proc.pid, cmd[:60])] = others
+    worker_ports = {int(w["address"].rsplit(":", 1)[1]) for w in harness.cluster.worker_info}
+    assert worker_ports | {harness.cluster.router.port, harness.cluster.router.http_port} <= ports
+    ray_processes = {key for key in wide if "ray::" in key[1] or key[0] == psutil.Process().pid}
+    assert set(wide) <= ray_processes and all(len(v) == 1 for v in wide.values()), wide
+
+
+def test_mutual_tls_on_a_router_alone(redis_server, tiny_llama, certs):  # type: ignore[no-untyped-def]
+    """With a client CA, both public ports refuse a client without a certificate it signed."""
+    import ssl
+
+    import httpx2 as httpx
+
+    from tests.sdk_router_helpers import Cluster
+
+    c = Cluster(redis_server.url, tiny_llama, http_port=0, tls_cert=str(certs["server.crt"]),
+                tls_key=str(certs["server.key"]), tls_client_ca=str(certs["ca.crt"]))
+    target, ca = f"localhost:{c.router.port}", certs["ca.crt"].read_bytes()
+    try:
+        with pdserve.Client(target, timeout=5, tls=True, root_certificates=ca) as anonymous, \
+                pytest.raises(pdserve.UnavailableError):
+            anonymous.health()
+        with pdserve.Client(target, timeout=5, root_certificates=ca, private_key=certs["client.key"].read_bytes(),
+                            certificate_chain=certs["client.crt"].read_bytes()) as known:
+            assert known.health() == "NOT_SERVING"  # handshake done; no workers registered
+        url = f"https://localhost:{c.router.http_port}/health"
+        with pytest.raises((httpx.HTTPError, ssl.SSLError)):
+            httpx.get(url, verify=str(certs["ca.crt"]))
+        ctx = ssl.create_default_context(cafile=str(certs["ca.crt"]))
+        ctx.load_cert_chain(str(certs["client.crt"]), str(certs["client.key"]))
+        assert httpx.get(url, verify=ctx).status_code == 503
+    finally:
+        c.close()
+
+
+def test_grpc_kv_transport_refuses_a_sender_without_the_secret():
+    import torch
+
+    from cluster.transport import create_transport
+    from tests.transport_peers import initial_cache, kv_layout
+
+    layout = kv_layout(torch.float32)
+    recv = create_transport("grpc", layout, initial_cache(torch.float32, 1), secret="s3")
+    good = create_transport("grpc", layout, initial_cache(torch.float32, 2), secret="s3")
+    stranger = create_transport("grpc", layout, initial_cache(torch.float32, 3))
+    try:
+        endpoint = recv.listen()
+        recv.expect("a", [1])
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            stranger.send(endpoint, "a", [2], [1], 5.0)
+        good.send(endpoint, "a", [2], [1], 5.0)
+        recv.wait_received("a", 5.0)
+        assert torch.equal(recv.cache[:, :, 1], good.cache[:, :, 2])
+    finally:
+        for t in (recv, good, stranger):
+            t.close()
