@@ -50,6 +50,13 @@ def harness(ray_session, tiny_llama):
     h.close()
 
 
+def _worker_processes() -> list:  # type: ignore[type-arg]
+    """This machine's worker engine processes (Ray actors), to stall them with SIGSTOP."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::WorkerActor" in " ".join(p.info["cmdline"] or [])]
+
+
 def decode_running(harness: ClusterHarness) -> dict[str, int]:
     return {s.worker_id: s.num_running for s in harness.worker_stats() if s.role == "decode"}
 
@@ -177,11 +184,15 @@ def test_router_queue_full_is_resource_exhausted_at_once(harness):
     """Two long requests fill the decode pools (router.admission), two more wait their turn, and with
     max_queue requests held the next ones are refused at once."""
     admission = harness.cluster.router.orchestrator.admission
+    workers = _worker_processes()
     with Client(harness.address) as client:
-        streams = [client.generate_stream(prompt(24, 10 + i), **LONG) for i in range(MAX_QUEUE)]
+        streams = [client.generate_stream(prompt(24, 10 + i), **LONG) for i in range(2)]
         try:
-            for s in streams[:2]:
+            for s in streams:
                 next(s)  # running
+            for w in workers:  # stalled engines: the two stay running however fast the engine would decode
+                w.suspend()
+            streams += [client.generate_stream(prompt(24, 12 + i), **LONG) for i in range(MAX_QUEUE - 2)]
             wait_for(lambda: admission.num_waiting == MAX_QUEUE - 2, 5.0, "the other two do not wait")
             t0 = time.monotonic()
             with ThreadPoolExecutor(4) as pool:
@@ -190,6 +201,8 @@ def test_router_queue_full_is_resource_exhausted_at_once(harness):
             for err in errors:
                 assert err.code == Code.RESOURCE_EXHAUSTED and f"max_queue={MAX_QUEUE}" in err.reason, err
         finally:
+            for w in workers:
+                w.resume()
             for s in streams:
                 s.close()
     harness.wait_all_blocks_free()
