@@ -251,7 +251,7 @@ def test_a_dead_front_end_is_replaced_and_the_worker_serves_again(harness):
 
     from cluster.registry import Registry
 
-    registry = Registry(harness.cluster.redis_url, "colocated")
+    registry = Registry(harness.cluster.redis_url, "colocated", secret=harness.cluster.secret)
     info = next(w for w, _ in registry.list_workers() if w.worker_id == "colocated-0")
     port = int(info.address.rsplit(":", 1)[1])
     pid = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
@@ -266,7 +266,7 @@ def test_a_dead_front_end_is_replaced_and_the_worker_serves_again(harness):
     with Client(harness.address) as client:
         results = [client.generate(f"after {i}", max_tokens=4, temperature=0) for i in range(6)]
     assert all(len(r.token_ids) == 4 for r in results)
-    with grpc.insecure_channel(new.address) as channel:
+    with harness.worker_channel(new.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         assert stub.GetStats(wpb.StatsRequest(), timeout=5).worker_id == "colocated-0"
         wait_for(lambda: (s := stub.GetStats(wpb.StatsRequest(), timeout=5)).free_kv_blocks == s.total_kv_blocks,

@@ -83,7 +83,7 @@ def test_prompts_queued_for_prefill_hold_no_decode_blocks(harness) -> None:
     done = threading.Event()
 
     def sample() -> None:
-        with grpc.insecure_channel(decode["address"]) as ch:
+        with harness.worker_channel(decode["address"]) as ch:
             stub = wpb_grpc.WorkerServiceStub(ch)
             while not done.is_set():
                 stats = stub.GetStats(wpb.StatsRequest(), timeout=5)

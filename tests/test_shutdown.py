@@ -39,8 +39,8 @@ def test_up_leaves_nothing_behind(how: str) -> None:
     env, mark = marked_env()
     proc = _start(env)
     try:
-        redis_line = _read_until(proc, "started redis-server at redis://")
-        redis = "redis-server " + redis_line.split("redis://")[1].split("/")[0]
+        redis_line = _read_until(proc, "started redis-server at ")
+        redis = "redis-server " + redis_line.split("started redis-server at ")[1].split()[0]  # its title: host:port
         assert marked_processes(mark, cmdline=redis)
         if how == "SIGTERM-while-starting":
             proc.send_signal(signal.SIGTERM)
