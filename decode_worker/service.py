@@ -9,7 +9,6 @@ import time
 
 from pdserve.v1 import worker_pb2 as wpb
 
-from cluster.transport import create_transport
 from cluster.wire import sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
@@ -24,9 +23,7 @@ class DecodeServicer(WorkerServicerBase):
     @classmethod
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> DecodeServicer:
         servicer = cls(config, worker_id, loop)
-        engine = loop.engine
-        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host,
-                                              secret=config.cluster_secret)
+        servicer.open_transport()
         servicer.endpoint = await asyncio.to_thread(servicer.transport.listen)
         return servicer
 

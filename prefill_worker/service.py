@@ -12,7 +12,7 @@ import time
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine.outputs import FINISH_PREFILLED
-from cluster.transport import TransportError, create_transport
+from cluster.transport import TransportError
 from cluster.wire import logprobs_to_proto, sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
@@ -23,9 +23,7 @@ class PrefillServicer(WorkerServicerBase):
     @classmethod
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> PrefillServicer:
         servicer = cls(config, worker_id, loop)
-        engine = loop.engine
-        servicer.transport = create_transport(config.transport, engine.kv_layout, engine.kv_cache, host=config.host,
-                                              secret=config.cluster_secret)
+        servicer.open_transport()
         return servicer
 
     async def Prefill(self, request: wpb.PrefillRequest) -> wpb.PrefillReply:

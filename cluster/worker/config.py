@@ -25,8 +25,8 @@ class WorkerConfig:
     max_queue: int = 512  # requests waiting in this worker beyond which it answers RESOURCE_EXHAUSTED
     kv_send_timeout_s: float = 30.0
     kv_stream_layers: bool = True  # prefill: send each layer's KV while the rest of the prompt computes
-    # The engine thread holds the GIL for long stretches; KV transfer threads then wait up to Python's 5 ms
-    # switch interval per acquisition. `bench kv --receiver-busy` measured 47 ms -> 6.9 ms per handoff at 0.5.
+    # The engine thread holds the GIL for long stretches; a shorter switch interval than Python's 5 ms lets the
+    # KV transfer threads take it between the engine's bytecodes (docs/benchmarks.md, `bench kv --receiver-busy`).
     gil_switch_interval_ms: float = 0.5
     cluster_secret: str = field(default="", repr=False)  # closes WorkerService, the KV channel, registry entries
 

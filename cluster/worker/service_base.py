@@ -19,6 +19,7 @@ from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine import LLMEngine, StepOutput
 from cluster.engine.outputs import FINISH_ABORT
+from cluster.transport import create_transport
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop, output_queue
 
@@ -63,6 +64,12 @@ class WorkerServicerBase:
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> WorkerServicerBase:
         """The role's servicer for a loaded engine (roles that move KV open their transport here)."""
         return cls(config, worker_id, loop)
+
+    def open_transport(self) -> None:
+        """Open the worker's KV transport over its engine's cache (the roles that move KV call this in `create`)."""
+        cfg, engine = self.config, self.loop.engine
+        self.transport = create_transport(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host,
+                                          secret=cfg.cluster_secret)
 
     async def handle(self, method: str, request: bytes) -> bytes:
         """Answer one RPC: the request's bytes in, the reply's bytes out (or WorkerError)."""
