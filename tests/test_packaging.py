@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -29,3 +31,13 @@ def test_bench_plots_are_an_extra() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(d.startswith("matplotlib") for d in project["dependencies"])
     assert "matplotlib" in project["optional-dependencies"]["bench"]
+
+
+def test_sdk_imports_beside_a_checkout_named_pdserve(tmp_path: Path) -> None:
+    """From the parent directory of a checkout called `pdserve` (as `git clone` names it), that directory is only a
+    namespace candidate on the path scan; the installed package (a regular one) must still win."""
+    (tmp_path / "pdserve").symlink_to(ROOT, target_is_directory=True)
+    done = subprocess.run([sys.executable, "-c", "from pdserve import Client; print(Client.__module__)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "pdserve.client"
