@@ -76,14 +76,15 @@ class WorkerInfo:
     host_id: str  # physical host, for same-host transports
     total_kv_blocks: int
     block_size: int
+    max_requests: int = 0  # requests it holds at once (running + its queue); 0: no bound known
 
     def __post_init__(self) -> None:
         if not self.worker_id:
             raise ValueError("worker_id must be non-empty")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.total_kv_blocks < 0 or self.block_size < 1:
-            raise ValueError("total_kv_blocks must be >= 0 and block_size >= 1")
+        if self.total_kv_blocks < 0 or self.block_size < 1 or self.max_requests < 0:
+            raise ValueError("total_kv_blocks and max_requests must be >= 0 and block_size >= 1")
 
 
 @dataclass(frozen=True)

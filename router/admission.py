@@ -2,7 +2,8 @@
 
 A request costs the KV blocks it needs to run to its end (prompt + max_tokens). The router admits requests
 while the blocks of those it has admitted fit the serving workers' KV pools (their `total_kv_blocks` from
-the cached worker view: decode workers, or colocated ones); one request is always admitted, so a request
+the cached worker view: decode workers, or colocated ones) and their number fits what those workers hold at
+once (`max_requests`: running plus their own queues); one request is always admitted, so a request
 too big for any worker still gets the worker's own answer. The others wait in one FIFO queue (a request
 never overtakes an older one, so a big request is not starved by small ones) for at most
 `queue_timeout_s`. The queue is bounded by `max_queue` (admitted + waiting); beyond it, or past the wait,
@@ -32,8 +33,9 @@ class Admission:
     same gate with a cost of 1 and a capacity in slots bounds the requests in the prefill stage."""
 
     def __init__(self, capacity: Callable[[], int], max_queue: int, queue_timeout_s: float,
-                 unit: str = "KV blocks") -> None:
+                 unit: str = "KV blocks", max_admitted: Callable[[], int] | None = None) -> None:
         self._capacity = capacity
+        self._max_admitted = max_admitted  # requests the pools hold at once; None: only `capacity` bounds them
         self.unit = unit  # what `capacity` counts, for the reasons
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
@@ -46,7 +48,11 @@ class Admission:
         return len(self._waiting)
 
     def _fits(self, cost: int) -> bool:
-        return self.admitted == 0 or self.blocks + cost <= self._capacity()
+        if self.admitted == 0:
+            return True
+        if self._max_admitted is not None and self.admitted >= self._max_admitted():
+            return False
+        return self.blocks + cost <= self._capacity()
 
     def check_room(self) -> None:
         """RESOURCE_EXHAUSTED at once when the router holds `max_queue` requests (admitted + waiting)."""
@@ -96,9 +102,10 @@ class Admission:
             raise
 
     def _timed_out(self, cost: int, limit: float) -> str:
+        held = "" if self._max_admitted is None else f" (the workers hold {self._max_admitted()} at once)"
         return (f"no capacity within {limit:g}s (queue_timeout_s={self.queue_timeout_s:g}): {self.admitted} "
-                f"requests running hold {self.blocks} of {self._capacity()} {self.unit}, this one needs {cost}, "
-                f"{len(self._waiting)} waiting")
+                f"requests running{held} hold {self.blocks} of {self._capacity()} {self.unit}, this one needs "
+                f"{cost}, {len(self._waiting)} waiting")
 
     def _pump(self) -> None:
         """Admit waiters in order while the head fits."""

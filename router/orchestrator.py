@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -92,7 +93,8 @@ class Orchestrator:
         self.sessions = WorkerSessions(channels)  # the workers' output streams to this router
         self.view = WorkerView(registry)  # refreshed by the router's health loop; no request lists workers
         self._inflight: dict[str, asyncio.Future[None]] = {}  # ids in use -> done once freed on every worker
-        self.admission = Admission(self._capacity, config.max_queue, config.queue_timeout_s)
+        self.admission = Admission(self._capacity, config.max_queue, config.queue_timeout_s,
+                                   max_admitted=self._request_capacity)
         # Requests between their decode reservation and the end of their prefill: a few per prefill worker,
         # so decode blocks are reserved when the prefill is about to run, not while the prompt queues.
         self.prefill_stage = Admission(self._prefill_slots, config.max_queue, config.queue_timeout_s,
@@ -152,6 +154,13 @@ class Orchestrator:
         """KV blocks in the pools that hold running requests (decode or colocated workers), per the view."""
         role = self.config.serving_roles[-1]
         return sum(w.total_kv_blocks for w, _ in self.view.workers if w.role == role)
+
+    def _request_capacity(self) -> int:
+        """Requests the serving pools hold at once (running + queued on the workers), per the view; a worker
+        that states no bound leaves only the KV blocks to bound them."""
+        role = self.config.serving_roles[-1]
+        bounds = [w.max_requests for w, _ in self.view.workers if w.role == role]
+        return sum(bounds) if bounds and all(bounds) else sys.maxsize
 
     def _prefill_slots(self) -> int:
         n = sum(w.role == "prefill" for w, _ in self.view.workers)

@@ -44,6 +44,11 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # (router.admission), which refuses with RESOURCE_EXHAUSTED and the limit's name instead.
 PENDING_CALLS = [("grpc.server.max_pending_requests", 1 << 16),
                  ("grpc.server.max_pending_requests_hard_limit", 1 << 16)]
+# Calls beyond what admission can hold are refused by grpc itself (RESOURCE_EXHAUSTED "Concurrent RPC limit
+# exceeded!") before they cost this event loop a handler: when more arrive than the loop can take up, gRPC core
+# keeps the rest pending and after 30 s (grpc.server_max_unrequested_time_in_server) cancels them, a bare
+# CANCELLED. The headroom keeps room for health checks and reflection next to a full queue.
+CONTROL_RPC_HEADROOM = 64
 
 
 async def _write(context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) -> bool:
@@ -184,7 +189,8 @@ async def serve(config: RouterConfig) -> RouterServer:
     orchestrator = flow(config, model, registry, WorkerChannels(config.cluster_secret),
                         make_policy(config.policy, config.prefix_load_slack))
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port)), *PENDING_CALLS],
-                             interceptors=[PublicGuard(ApiKeys(config.api_keys), SERVICE_NAME)])
+                             interceptors=[PublicGuard(ApiKeys(config.api_keys), SERVICE_NAME)],
+                             maximum_concurrent_rpcs=config.max_queue + CONTROL_RPC_HEADROOM)
     metrics = RouterMetrics(model.name)
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator, metrics), server)
     health_servicer = health.aio.HealthServicer()

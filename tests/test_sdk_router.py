@@ -135,7 +135,7 @@ def test_queue_full_and_no_decode_room(make_cluster) -> None:  # type: ignore[no
     c = make_cluster(max_queue=0)
     with pytest.raises(pdserve.ResourceExhaustedError, match="queue is full"):
         c.client.generate("hello")
-    c = make_cluster()
+    c = make_cluster(queue_timeout_s=1.0)  # the router asks again for room up to queue_timeout_s: within the deadline
     c.add("p0", "prefill")
     d = c.add("d0", "decode", free_blocks=0)
     c.client.wait_until_serving(timeout=5)

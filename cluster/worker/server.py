@@ -61,7 +61,8 @@ class WorkerServer:
             worker_id=self.worker_id, role=cfg.role, address=self.address, model=cfg.engine.model,
             transport=transport.name if transport is not None else NO_TRANSPORT,
             transport_endpoint=self.servicer.endpoint, host_id=socket.gethostname(),
-            total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size)
+            total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size,
+            max_requests=cfg.engine.max_num_seqs + cfg.max_queue)
         self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name, secret=cfg.cluster_secret)
         await self._registry.register(self._info, self._ttl, self._load())
         aio_loop = asyncio.get_running_loop()

@@ -6,7 +6,8 @@
 #        colo1b (1 colocated worker, 1B), disagg1b (1P+1D on one GPU, 1B),
 #        l8b (8B: latency, closed loop and 1 colocated worker, 1024 in / 128 out, concurrency 64),
 #        http1b (1 colocated worker, 1B, 256 x (512, 128) at rate inf through gRPC and through the OpenAI HTTP API),
-#        rps (router req/s of (32 in, 8 out) for 30 s with 1 and 4 router processes; 2,048 concurrent streams).
+#        rps (router req/s of (32 in, 8 out) for 30 s with 1 and 4 router processes; 2,048 concurrent streams),
+#        profinf (1024 x (512, 128) at rate inf: py-spy of `bench engine` and of the colocated worker's engine process).
 # `pdserve` is `python3 -m cluster.cli` there. py-spy samples the router, the worker's engine process and its
 # gRPC front end during a concurrency-256 run (colo1b, disagg1b).
 set -uo pipefail
@@ -80,6 +81,15 @@ for part in "$@"; do
       serve $part-grpc-$i --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
       serve $part-openai-$i --backend openai --target http://127.0.0.1:8000 --model $M1 --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
     done
+    down ;;
+  profinf)
+    model $M1 llama-3.2-1b
+    py-spy record --nonblocking -r 250 -f raw -o "$OUT/pyspy-profinf-bench-engine.txt" -- python3 -m cluster.cli bench engine --model $M1 --device cuda --num-prompts 1024 --input-len 512 --output-len 128 --seed 0 --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+    up "$OUT/up-$part.log" --model $M1 --mode colocated --colocated 1 || continue
+    serve $part-warm --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
+    (sleep 4; profile $part; sleep 9) & PROF=$!
+    serve $part --num-prompts 1024 --input-len 512 --output-len 128 --request-rate inf
+    wait $PROF
     down ;;
   rps)
     model $M1 llama-3.2-1b
