@@ -106,6 +106,8 @@ class PublicGuard(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys, service: str) -> None:
         self._keys = keys
         self._prefix = f"/{service}/"
+        # Each method's decoding handler, built once: grpc's handler constructors import a module per call.
+        self._decoded: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -116,5 +118,8 @@ class PublicGuard(grpc.aio.ServerInterceptor):
             return refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "invalid or missing API key: send 'authorization: Bearer KEY' metadata")
         if details.method.startswith(self._prefix) and not handler.request_streaming:
-            return _decoding(handler)
+            decoded = self._decoded.get(details.method)
+            if decoded is None:
+                decoded = self._decoded[details.method] = _decoding(handler)
+            return decoded
         return handler

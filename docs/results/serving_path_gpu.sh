@@ -95,7 +95,9 @@ for part in "$@"; do
     model $M1 llama-3.2-1b
     for n in 1 4; do
       up "$OUT/up-$part-$n.log" --model $M1 --mode colocated --colocated 1 --router-processes $n || continue
+      [ $n = 1 ] && { (sleep 15; profile $part-$n; sleep 9) & }
       serve $part-$n --num-prompts 60000 --input-len 32 --output-len 8 --request-rate 2000 --client-processes 8
+      wait
       [ $n = 4 ] && serve streams2048 --num-prompts 4096 --input-len 32 --output-len 64 --max-concurrency 2048 --client-processes 8
       grep -c "Too many connections" "$OUT/up-$part-$n.log" | sed "s/^/Redis 'Too many connections' lines in the log: /" | tee -a "$OUT/summary.txt"
       down
