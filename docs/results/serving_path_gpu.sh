@@ -84,6 +84,7 @@ for part in "$@"; do
     down ;;
   profinf)
     model $M1 llama-3.2-1b
+    pd bench engine --model $M1 --device cuda --num-prompts 256 --input-len 512 --output-len 128 --seed 0 --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
     py-spy record --nonblocking -r 250 -f raw -o "$OUT/pyspy-profinf-bench-engine.txt" -- python3 -m cluster.cli bench engine --model $M1 --device cuda --num-prompts 1024 --input-len 512 --output-len 128 --seed 0 --out "$OUT/engine" 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
     up "$OUT/up-$part.log" --model $M1 --mode colocated --colocated 1 || continue
     serve $part-warm --num-prompts 256 --input-len 512 --output-len 128 --request-rate inf
