@@ -54,6 +54,8 @@ def test_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = str(tmp_path)
     for argv, message in ((["--shape", "llama-9000"], "unknown shape"), (["--model", out], "not a model directory"),
                           (["--shape", "tiny", "--transport", "nccl"], "--device cuda"),
+                          (["--shape", "tiny", "--device", "cuda", "--gpus", "0,0", "--transport", "nccl,cuda_ipc"],
+                           "nccl cannot pair a GPU with itself"),
                           (["--shape", "tiny", "--prompt-len", "0"], "--prompt-len"),
                           (["--shape", "tiny", "--prefill"], "--prefill runs the model"),
                           (["--shape", "tiny", "--profile"], "give --prefill too")):

@@ -8,7 +8,9 @@ sender times `send()` (CUDA synchronised on both sides of it), sender -> "receiv
 group (gloo on CPU, NCCL on CUDA) over a TCPStore the sender hosts on a free port: per repetition the
 receiver posts its receive and answers, then the sender times one contiguous tensor of the same byte
 count, sender -> receiver, plus a 1-element ack back, so it ends where a handoff's `send()` ends (the
-sender knows the receiver holds the bytes).
+sender knows the receiver holds the bytes). With both processes on one GPU (NCCL cannot pair a GPU with
+itself) the group is gloo and only verifies; the raw reference is then one copy of the same bytes within
+the GPU, timed in the sender.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _init_group(plan: Plan, rank: int, store: dist.Store, device: torch.device) 
     receive is posted ahead of the sender (its creation blocks until both ranks join)."""
     dist.init_process_group(plan.raw_backend, store=store, rank=rank, world_size=2,
                             timeout=timedelta(seconds=plan.send_timeout_s + 60))
-    one = torch.zeros(1, device=device)
+    one = torch.zeros(1, device=plan.group_device(device))
     if rank == 0:
         dist.send(one, 1)
     else:
@@ -153,11 +155,12 @@ class Receiver:
 
     def _verify(self, dst: list[int]) -> None:
         """Send the destination blocks back over the raw group, then whether every other block is still 0."""
-        dist.send(self.plan.layout.gather(self.cache, dst), 0)
+        wire = self.plan.group_device(self.device)
+        dist.send(self.plan.layout.gather(self.cache, dst).to(wire), 0)
         others = torch.ones(self.plan.num_blocks, dtype=torch.bool, device=self.device)
         others[dst] = False
         untouched = torch.tensor([int(not self.cache[:, :, others].any())], dtype=self.plan.layout.dtype,
-                                 device=self.device)
+                                 device=wire)
         dist.send(untouched, 0)
         _sync(self.device)
 
@@ -204,8 +207,15 @@ class Sender:
         src, _ = block_ids(self.plan, self.layout.blocks_for_tokens(prompt_len))
         data = self.layout.gather(self.cache, src).reshape(-1)
         ack = torch.empty(1, dtype=data.dtype, device=self.device)
+        copy = torch.empty_like(data) if self.plan.one_gpu else None
 
         def once(_: int) -> float:
+            if copy is not None:  # one GPU: what the same bytes cost within it
+                _sync(self.device)
+                t0 = time.perf_counter()
+                copy.copy_(data)
+                _sync(self.device)
+                return time.perf_counter() - t0
             self.ask("raw", data.numel())
             _sync(self.device)
             t0 = time.perf_counter()
@@ -263,8 +273,9 @@ class Sender:
 
     def _verify(self, src: list[int], dst: list[int]) -> None:
         """Bit-equal check of the receiver's destination blocks against our source blocks; raises if not."""
-        expected = self.layout.gather(self.cache, src)
-        got, untouched = torch.empty_like(expected), torch.empty(1, dtype=expected.dtype, device=self.device)
+        wire = self.plan.group_device(self.device)
+        expected = self.layout.gather(self.cache, src).to(wire)
+        got, untouched = torch.empty_like(expected), torch.empty(1, dtype=expected.dtype, device=wire)
         self.ask("verify", dst)
         dist.recv(got, 1)
         dist.recv(untouched, 1)
