@@ -27,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 from cluster.bench.kv_plan import Plan, block_ids, busy_python, timed_loop
+from cluster.bench.kv_prefill import build_engine, prefill_rows
+from cluster.kv_trace import KVTrace
+from cluster.transport import create_receiver, create_sender
 
 _CMD_TIMEOUT_S = 600.0  # the receiver's patience between commands, and the sender's for a plain answer
 
@@ -63,11 +66,7 @@ def worker(rank: int, plan: Plan, conn: Any, results: Any) -> None:
         device = torch.device(plan.devices[rank])
         if device.type == "cuda":
             torch.cuda.set_device(device)  # by index: both processes see every GPU (cuda_ipc needs that)
-        engine = None
-        if rank == 0 and plan.prefill_model is not None:
-            from cluster.bench.kv_prefill import build_engine
-
-            engine = build_engine(plan, device)
+        engine = build_engine(plan, device) if rank == 0 and plan.prefill_model is not None else None
         cache = plan.layout.allocate(plan.num_blocks, device) if engine is None else engine.kv_cache
         if rank == 0:
             g = torch.Generator(device=device).manual_seed(plan.seed)
@@ -125,10 +124,8 @@ class Receiver:
     _op_exit = _op_close
 
     def _op_transport(self, name: str) -> str:
-        from cluster.transport import create_transport
-
         self._op_close()
-        self.transport = create_transport(name, self.plan.layout, self.cache, host="127.0.0.1")
+        self.transport = create_receiver(name, self.plan.layout, self.cache, trace=KVTrace.from_env())
         return self.transport.listen()
 
     def _op_expect(self, rid: str, dst: list[int], clear: bool) -> None:
@@ -191,11 +188,7 @@ class Sender:
         rows = []
         for name in self.plan.transports:
             rows += self._transport_cases(name)
-        prefill: list[dict[str, Any]] = []
-        if engine is not None:
-            from cluster.bench.kv_prefill import prefill_rows
-
-            prefill = prefill_rows(self, engine)
+        prefill = prefill_rows(self, engine) if engine is not None else []
         self.ask("exit")
         return {"raw": raw, "rows": rows, "prefill": prefill}
 
@@ -228,12 +221,10 @@ class Sender:
         return {"times_s": times, "warmup": warm, "capped": capped}
 
     def _transport_cases(self, name: str) -> list[dict[str, Any]]:
-        from cluster.transport import create_transport
-
         rows: list[dict[str, Any]] = []
         try:
             endpoint = self.ask("transport", name)
-            transport = create_transport(name, self.layout, self.cache, host="127.0.0.1")
+            transport = create_sender(name, self.layout, self.cache, trace=KVTrace.from_env())
         except Exception as e:
             return [{"transport": name, "prompt_len": p, "error": _line(e)} for p in self.plan.prompt_lens]
         try:
@@ -265,13 +256,13 @@ class Sender:
             elapsed = time.perf_counter() - t0
             self.ask("received", rid, True)
             if i == 0:
-                self._verify(src, dst)
+                self.verify(src, dst)
             return elapsed
 
         times, warm, capped = self._timed(once)
         return {"times_s": times, "warmup": warm, "capped": capped, "verified": True}
 
-    def _verify(self, src: list[int], dst: list[int]) -> None:
+    def verify(self, src: list[int], dst: list[int]) -> None:
         """Bit-equal check of the receiver's destination blocks against our source blocks; raises if not."""
         wire = self.plan.group_device(self.device)
         expected = self.layout.gather(self.cache, src).to(wire)
