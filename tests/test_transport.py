@@ -212,6 +212,15 @@ def test_transport_two_gpus(name: str) -> None:
     _stalled_scenario(name, ("cuda:0", "cuda:1"))
 
 
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_ipc_on_one_gpu() -> None:
+    """Receiver and senders in separate processes on one GPU (1P+1D on one GPU): CUDA IPC within a device."""
+    _scenario("cuda_ipc", torch.bfloat16, ("cuda:0", "cuda:0", "cuda:0"), send={"chunk_bytes": 1})
+    _stalled_scenario("cuda_ipc", ("cuda:0", "cuda:0"))
+
+
 def test_block_runs() -> None:
     """cuda_ipc copies each run of ids consecutive on BOTH sides as one 2D copy."""
     from cluster.transport.ipc_copy import block_runs

@@ -82,7 +82,7 @@ class DistServer:
             return
         pair = next(self._pair_ids)
         conn.send(kpb.KVControl(dist_paired=kpb.DistPaired(pair_id=pair, store_port=int(store.port))))
-        PairReceiver(self, conn, pair).run(msg.dist_pair.timeout_s)
+        PairReceiver(self, conn, pair).run(int(store.port), msg.dist_pair.timeout_s)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -104,12 +104,11 @@ class PairReceiver:
         self.ended: queue.SimpleQueue[tuple[int, InTransfer, torch.cuda.Event] | None] = queue.SimpleQueue()
         self.pg: Any = None
 
-    def run(self, timeout_s: float) -> None:
+    def run(self, store_port: int, timeout_s: float) -> None:
         """The connection's thread: join the group, then serve control messages until KVBye or a failure."""
         answerer = None
         try:
-            self.pg = self.server.groups.join(self.server.host, int(self.server.store.port), self.pair, 1,
-                                              timeout_s)
+            self.pg = self.server.groups.join(self.server.host, store_port, self.pair, 1, timeout_s)
             if self.stream is not None:
                 answerer = threading.Thread(target=self.answer_ended, name=f"kv-nccl-done{self.pair}", daemon=True)
                 answerer.start()

@@ -33,9 +33,9 @@ from cluster.transport.link import Link
 from cluster.transport.link_sender import CHUNK_BYTES, Chunking, LinkSender
 
 # A gloo send blocks until it is received, so it must not run inside the forward: everything at finish().
-# NCCL streams in at most 4 chunks: its receiver posts each chunk from Python, where every post waits for the
-# GIL under load; a plain send keeps its big chunks, where the gather/send/scatter pipeline pays.
-_NCCL_MAX_STREAM_CHUNKS = 4
+# A streamed transfer goes in at most 4 chunks: the receiver posts each chunk from Python, where every post
+# waits for the GIL under load; a plain send keeps its big chunks, where the gather/send/scatter pipeline pays.
+_MAX_STREAM_CHUNKS = 4
 
 
 @dataclass(eq=False)
@@ -115,8 +115,7 @@ class DistMover:
         self.layout, self.cache, self.secret = layout, cache, secret
         self.groups = PairGroups(backend, host, cache.device)
         streams = backend == "nccl" if stream_layers is None else stream_layers
-        self.chunking = Chunking(streams=streams, chunk_bytes=chunk_bytes,
-                                 max_stream_chunks=_NCCL_MAX_STREAM_CHUNKS if backend == "nccl" else None)
+        self.chunking = Chunking(streams=streams, chunk_bytes=chunk_bytes, max_stream_chunks=_MAX_STREAM_CHUNKS)
 
     def connect(self, endpoint: str, deadline: float) -> Link[DistPeer]:
         def left() -> float:
