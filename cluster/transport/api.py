@@ -11,6 +11,7 @@ plain `TransportError` (a timeout, a lost reply) may still have landed; a retry 
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -109,6 +110,14 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def time_left(deadline: float) -> float:
+    """Seconds until `deadline` (monotonic); TransportError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransportError("KV send timed out")
+    return left
 
 
 def first_line(e: BaseException) -> str:

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from cluster.secret import mac, same
 from cluster.transport import kv_transfer_pb2 as kpb
-from cluster.transport.api import TransportError, format_endpoint, parse_endpoint
+from cluster.transport.api import TransportError, format_endpoint, parse_endpoint, time_left
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
@@ -153,6 +153,26 @@ class ControlConn:
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+def open_pair(endpoint: str, deadline: float, secret: str, request: kpb.KVControl,
+              answer: str) -> tuple[ControlConn, kpb.KVControl]:
+    """A sender's new connection to the receiver at `endpoint`: the hello, `request` out, the receiver's message
+    of kind `answer` back, by `deadline`. The caller owns the connection (and closes it if what follows fails)."""
+    ctl = ControlConn.connect(endpoint, time_left(deadline), secret)
+    try:
+        ctl.send(request)
+        try:
+            msg = ctl.recv(time_left(deadline))
+        except TimeoutError:
+            raise TransportError(f"KV receiver {endpoint} did not answer the pairing") from None
+        if msg.WhichOneof("kind") != answer:
+            raise TransportError(f"KV receiver {endpoint} answered the pairing with {msg.WhichOneof('kind')}, "
+                                 f"not {answer}: another transport?")
+    except BaseException:
+        ctl.close()
+        raise
+    return ctl, msg
 
 
 class ControlListener:

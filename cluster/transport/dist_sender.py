@@ -14,7 +14,6 @@ on the GPU: gathers and sends go on the link's stream, behind the model's writes
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,8 @@ import torch.distributed as dist
 from cluster.engine.kv_layout import KVLayout
 from cluster.kv_trace import NO_TRACE, KVTrace, Timeline
 from cluster.transport import kv_transfer_pb2 as kpb
-from cluster.transport.api import TransportError, TransportRejected, parse_endpoint
-from cluster.transport.control import ControlConn
+from cluster.transport.api import TransportError, TransportRejected, parse_endpoint, time_left
+from cluster.transport.control import open_pair
 from cluster.transport.cuda_streams import device_ids, side_stream
 from cluster.transport.dist_group import PairGroups, td
 from cluster.transport.link import Link
@@ -56,17 +55,11 @@ class DistTransfer:
         self.bufs: list[torch.Tensor] = []  # gathered chunks, alive until the receiver has them
         self.deadline = 0.0
 
-    def _left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TransportError("KV send timed out")
-        return left
-
     def begin(self, src: list[int], deadline: float) -> None:
         lay = self.layout
         self.deadline = deadline
         self.link.ctl.send(kpb.KVControl(begin=kpb.KVBegin(
-            seq=self.seq, request_id=self.rid, dst_block_ids=self.dst, timeout_s=self._left(),
+            seq=self.seq, request_id=self.rid, dst_block_ids=self.dst, timeout_s=time_left(self.deadline),
             dtype=str(lay.dtype), block_shape=[lay.block_size, lay.num_kv_heads, lay.head_dim])))
 
     def move(self, src: list[int], lo: int, hi: int, streaming: bool) -> None:
@@ -75,7 +68,7 @@ class DistTransfer:
         link.ctl.send(kpb.KVControl(layers=kpb.KVLayers(seq=self.seq, lo=lo, hi=hi, numel=numel)))
         if peer.stream is None:  # gloo: synchronous, through host memory
             data = self.layout.gather(cache, src, (lo, hi)).reshape(-1).cpu()
-            peer.pg.send([data], 1, 0).wait(td(self._left()))
+            peer.pg.send([data], 1, 0).wait(td(time_left(self.deadline)))
             return
         peer.stream.wait_stream(torch.cuda.current_stream(cache.device))  # behind the layers' KV writes
         with torch.cuda.stream(peer.stream):
@@ -118,22 +111,11 @@ class DistMover:
         self.chunking = Chunking(streams=streams, chunk_bytes=chunk_bytes, max_stream_chunks=_MAX_STREAM_CHUNKS)
 
     def connect(self, endpoint: str, deadline: float) -> Link[DistPeer]:
-        def left() -> float:
-            if (s := deadline - time.monotonic()) <= 0:
-                raise TransportError("KV send timed out")
-            return s
-
-        ctl = ControlConn.connect(endpoint, left(), self.secret)
+        ask = kpb.KVControl(dist_pair=kpb.DistPair(timeout_s=time_left(deadline)))
+        ctl, msg = open_pair(endpoint, deadline, self.secret, ask, "dist_paired")
         try:
-            ctl.send(kpb.KVControl(dist_pair=kpb.DistPair(timeout_s=left())))
-            try:
-                msg = ctl.recv(left())
-            except TimeoutError:
-                raise TransportError(f"KV receiver {endpoint} did not answer the pairing") from None
-            if msg.WhichOneof("kind") != "dist_paired":
-                raise TransportError(f"KV receiver {endpoint} does not pair over torch.distributed")
-            paired = msg.dist_paired
-            pg = self.groups.join(parse_endpoint(endpoint)[0], paired.store_port, paired.pair_id, 0, left())
+            pg = self.groups.join(parse_endpoint(endpoint)[0], msg.dist_paired.store_port, msg.dist_paired.pair_id,
+                                  0, time_left(deadline))
         except BaseException:
             ctl.close()
             raise

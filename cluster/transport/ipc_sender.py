@@ -28,7 +28,7 @@ from cluster.engine.kv_layout import KVLayout
 from cluster.kv_trace import NO_TRACE, KVTrace, Timeline
 from cluster.transport import kv_transfer_pb2 as kpb
 from cluster.transport.api import TransportError, TransportRejected
-from cluster.transport.control import ControlConn
+from cluster.transport.control import open_pair
 from cluster.transport.cuda_streams import drain, side_stream, wait_stream
 from cluster.transport.ipc_copy import BlockCopy
 from cluster.transport.ipc_memory import ExportedCache, cupy_module, map_peer_cache, unmap
@@ -107,24 +107,13 @@ class IpcMover:
         self.chunking = Chunking(chunk_bytes=chunk_bytes, whole_bulk=True)
 
     def connect(self, endpoint: str, deadline: float) -> Link[IpcPeer]:
-        def left() -> float:
-            if (s := deadline - time.monotonic()) <= 0:
-                raise TransportError("KV send timed out")
-            return s
-
         cupy_module()  # a clear error before anything is opened
-        ctl = ControlConn.connect(endpoint, left(), self.secret)
         with torch.cuda.device(self.device_index):
             event = torch.cuda.Event(interprocess=True)
             handle = event.ipc_handle()
+        ask = kpb.KVControl(ipc_pair=kpb.IpcPair(event_handle=handle))
+        ctl, msg = open_pair(endpoint, deadline, self.secret, ask, "ipc_paired")
         try:
-            ctl.send(kpb.KVControl(ipc_pair=kpb.IpcPair(event_handle=handle)))
-            try:
-                msg = ctl.recv(left())
-            except TimeoutError:
-                raise TransportError(f"KV receiver {endpoint} did not answer the pairing") from None
-            if msg.WhichOneof("kind") != "ipc_paired":
-                raise TransportError(f"KV receiver {endpoint} does not pair over CUDA IPC")
             paired = msg.ipc_paired
             shape, mine = tuple(paired.shape), tuple(self.cache.shape)
             if paired.dtype != str(self.layout.dtype) or shape[:2] + shape[3:] != mine[:2] + mine[3:]:

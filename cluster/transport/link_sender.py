@@ -26,6 +26,7 @@ from cluster.transport.api import (
     TransportRejected,
     check_cache,
     first_line,
+    time_left,
 )
 from cluster.transport.link import Link, Route
 
@@ -96,13 +97,6 @@ class Mover(Protocol):
         """After every link is closed: release what the mover still holds."""
 
 
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TransportError("KV send timed out")
-    return left
-
-
 class SendStream(KVSendStream):
     """One handoff over a link: layers into chunks, in order, then the answer (see the module for threads)."""
 
@@ -123,7 +117,7 @@ class SendStream(KVSendStream):
     def _ordered(self, fn: Callable[..., None], *args: Any) -> None:
         """Run `fn` under the route's lock, on a link that still works."""
         assert self.deadline is not None
-        if not self.route.lock.acquire(timeout=_left(self.deadline)):
+        if not self.route.lock.acquire(timeout=time_left(self.deadline)):
             raise TransportError("timed out waiting for other sends on this link")
         try:
             if self.link.broken:
