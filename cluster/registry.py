@@ -73,7 +73,6 @@ class WorkerInfo:
     model: str
     transport: str  # KV transport it speaks: "nccl", "gloo", "cuda_ipc", "grpc"
     transport_endpoint: str  # opaque string the transport publishes; may be ""
-    host_id: str  # physical host, for same-host transports
     total_kv_blocks: int
     block_size: int
     max_requests: int = 0  # requests it holds at once (running + its queue); 0: no bound known

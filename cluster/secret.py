@@ -8,7 +8,7 @@ From it come:
   the front end refuses calls without it at once (UNAUTHENTICATED), Attach included;
 - registry signatures: `sign_fields` over a worker's static info, written at register; readers that hold
   the secret ignore entries whose signature does not verify;
-- the KV control channel's hello: an HMAC of the listener's fresh nonce (cluster/transport/_sock_ctl.py).
+- the KV control channel's hello: an HMAC of the listener's fresh nonce (cluster/transport/control.py).
 The secret itself never travels: only values derived from it with HMAC-SHA256. The gRPC pieces (server
 guard, client interceptors) are in `cluster.grpc_auth`, so that this module imports no grpc.
 """

@@ -9,6 +9,7 @@ import time
 
 from pdserve.v1 import worker_pb2 as wpb
 
+from cluster.transport import KVReceiver, create_receiver
 from cluster.wire import sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
@@ -16,6 +17,8 @@ from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
 
 class DecodeServicer(WorkerServicerBase):
+    transport: KVReceiver
+
     def __init__(self, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> None:
         super().__init__(config, worker_id, loop)
         self._leases: dict[str, tuple[asyncio.TimerHandle, float]] = {}  # request id -> (expiry timer, deadline)
@@ -23,8 +26,8 @@ class DecodeServicer(WorkerServicerBase):
     @classmethod
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> DecodeServicer:
         servicer = cls(config, worker_id, loop)
-        servicer.open_transport()
-        servicer.endpoint = await asyncio.to_thread(servicer.transport.listen)
+        receiver = servicer.open_transport(create_receiver)
+        servicer.endpoint = await asyncio.to_thread(receiver.listen)
         return servicer
 
     async def _free_reservation(self, rid: str) -> bool:
@@ -51,7 +54,7 @@ class DecodeServicer(WorkerServicerBase):
         timer = asyncio.get_running_loop().call_later(lease_s, self._expire, rid)
         self._leases[rid] = (timer, time.monotonic() + lease_s)
         return wpb.ReserveReply(block_ids=blocks, transport=self.transport.name, transport_endpoint=self.endpoint,
-                                worker_id=self.worker_id, block_size=self.config.engine.block_size)
+                                worker_id=self.worker_id)
 
     async def Decode(self, request: wpb.DecodeRequest) -> wpb.DecodeReply:
         """Wait for the KV, then join the running batch; the tokens go to the router's stream."""

@@ -12,7 +12,7 @@ import time
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine.outputs import FINISH_PREFILLED
-from cluster.transport import TransportError
+from cluster.transport import KVSender, TransportError, create_sender
 from cluster.wire import logprobs_to_proto, sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
@@ -20,10 +20,12 @@ from cluster.worker.service_base import WorkerError, WorkerServicerBase
 
 
 class PrefillServicer(WorkerServicerBase):
+    transport: KVSender
+
     @classmethod
     async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> PrefillServicer:
         servicer = cls(config, worker_id, loop)
-        servicer.open_transport()
+        servicer.open_transport(create_sender)
         return servicer
 
     async def Prefill(self, request: wpb.PrefillRequest) -> wpb.PrefillReply:

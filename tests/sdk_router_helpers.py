@@ -123,7 +123,7 @@ class Cluster:
 
     def add(self, worker_id: str, role: str, free_blocks: int = 100, **kw: object) -> FakeWorker:
         w = FakeWorker(role, **kw)  # type: ignore[arg-type]
-        info = WorkerInfo(worker_id, role, f"127.0.0.1:{w.port}", "tiny", "grpc", "", "h0", 100, BLOCK)
+        info = WorkerInfo(worker_id, role, f"127.0.0.1:{w.port}", "tiny", "grpc", "", 100, BLOCK)
         self.registry.register(info, ttl_s=60, load=WorkerLoad(0, 0, free_blocks, 0))
         self.workers.append(w)
         return w

@@ -54,6 +54,8 @@ def test_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = str(tmp_path)
     for argv, message in ((["--shape", "llama-9000"], "unknown shape"), (["--model", out], "not a model directory"),
                           (["--shape", "tiny", "--transport", "nccl"], "--device cuda"),
+                          (["--shape", "tiny", "--device", "cuda", "--gpus", "0,0", "--transport", "nccl,cuda_ipc"],
+                           "nccl cannot pair a GPU with itself"),
                           (["--shape", "tiny", "--prompt-len", "0"], "--prompt-len"),
                           (["--shape", "tiny", "--prefill"], "--prefill runs the model"),
                           (["--shape", "tiny", "--profile"], "give --prefill too")):
@@ -162,7 +164,7 @@ def test_freed_blocks_come_back_as_one_run():
     """Blocks return to the free list tail first; an allocation still takes them in ascending order, so a
     request that reuses a finished one's blocks sends them as ONE run (cuda_ipc: one copy-engine copy)."""
     from cluster.engine.block_manager import BlockManager
-    from cluster.transport.cuda_ipc import block_runs
+    from cluster.transport.ipc_copy import block_runs
 
     bm = BlockManager(64, 16)
     first = bm.allocate_blocks(16 * 20)
@@ -176,7 +178,7 @@ def test_growth_takes_the_lowest_free_block_without_a_prefix_cache():
     """No prefix cache (decode workers): growth fills the lowest hole, so the long free run stays whole."""
     from cluster.engine.block_manager import BlockManager
 
-    bm = BlockManager(40, 16, enable_prefix_caching=False)
+    bm = BlockManager(40, 16, enable_prefix_caching=False, growth="lowest_id")
     first = bm.allocate_blocks(16 * 5)
     assert bm.allocate_blocks(16 * 5) == [6, 7, 8, 9, 10]  # held: the hole [1..5] opens below it
     bm.release_blocks(first)

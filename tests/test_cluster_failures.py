@@ -258,6 +258,24 @@ def test_reservation_whose_kv_never_arrives_is_freed_at_lease_expiry(harness):
 
 
 @pytest.mark.timeout(30, func_only=True)
+def test_cancel_answers_found_only_for_an_id_the_worker_holds(harness):
+    """Cancel of an id a worker never saw answers found=False (decode and prefill workers); of a live
+    reservation found=True, and the reservation is freed."""
+    for info in harness.cluster.worker_info:
+        with harness.worker_channel(info["address"]) as channel:
+            stub = wpb_grpc.WorkerServiceStub(channel)
+            reply = stub.Cancel(wpb.CancelRequest(request_id=f"never-seen-{info['role']}"), timeout=5)
+            assert reply.found is False, info
+    decode = next(w for w in harness.cluster.worker_info if w["role"] == "decode")
+    with harness.worker_channel(decode["address"]) as channel:
+        stub = wpb_grpc.WorkerServiceStub(channel)
+        stub.Reserve(wpb.ReserveRequest(request_id="cancel-me", num_tokens=40, lease_ms=10_000), timeout=5)
+        assert stub.Cancel(wpb.CancelRequest(request_id="cancel-me"), timeout=5).found is True
+        assert stub.Cancel(wpb.CancelRequest(request_id="cancel-me"), timeout=5).found is False  # already freed
+    harness.wait_all_blocks_free()
+
+
+@pytest.mark.timeout(30, func_only=True)
 def test_deadline_during_a_late_registry_reply_leaks_no_counters(harness, monkeypatch):
     """Redis applied the router's placement (decode blocks and prefill inflight, one call) but the reply comes
     late, after the client's deadline: the router still takes it back, else it stays counted until the TTL."""

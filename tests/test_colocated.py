@@ -84,7 +84,7 @@ class FakeColocated(FakeWorker):
 
 def add_colocated(cluster, worker_id: str, load: int = 0, **kw: object) -> FakeColocated:  # type: ignore[no-untyped-def]
     w = FakeColocated("colocated", **kw)  # type: ignore[arg-type]
-    info = WorkerInfo(worker_id, "colocated", f"127.0.0.1:{w.port}", "tiny", "none", "", "h0", 100, BLOCK)
+    info = WorkerInfo(worker_id, "colocated", f"127.0.0.1:{w.port}", "tiny", "none", "", 100, BLOCK)
     cluster.registry.register(info, ttl_s=60, load=WorkerLoad(load, 0, 100, 0))
     cluster.workers.append(w)
     return w
@@ -97,7 +97,7 @@ def test_router_colocated_flow(make_cluster, caplog) -> None:  # type: ignore[no
     assert c.client.health() == "NOT_SERVING"  # the pools of the other mode do not count
     with pytest.raises(pdserve.UnavailableError, match="no colocated workers"):
         c.client.generate("hello world")
-    dead = WorkerInfo("c-dead", "colocated", "127.0.0.1:1", "tiny", "none", "", "h0", 100, BLOCK)
+    dead = WorkerInfo("c-dead", "colocated", "127.0.0.1:1", "tiny", "none", "", 100, BLOCK)
     c.registry.register(dead, ttl_s=60)  # idle, so the least loaded: tried first, unreachable
     w = add_colocated(c, "c1", load=3)
     wait_for(lambda: c.client.health() == "SERVING")

@@ -9,20 +9,30 @@ import time
 
 import pytest
 
-from cluster.transport._sock_ctl import CtlConn, CtlListener, fine_timer_slack
+from cluster.transport import kv_transfer_pb2 as kpb
+from cluster.transport.control import ControlConn, ControlListener, fine_timer_slack
+
+
+def ask(seq: int, delay_s: float) -> kpb.KVControl:
+    """A message asking the echo listener to answer `seq` after `delay_s` (carried in an abort's reason)."""
+    return kpb.KVControl(abort=kpb.KVAbort(seq=seq, reason=str(delay_s)))
+
+
+def answer(seq: int) -> kpb.KVControl:
+    return kpb.KVControl(reply=kpb.KVReply(seq=seq, status=kpb.KVReply.OK))
 
 
 @pytest.fixture
 def echo_pair():
     """A listener that answers each message after the delay it asks for, and a connection to it."""
-    def handler(conn: CtlConn) -> None:
+    def handler(conn: ControlConn) -> None:
         while True:
             msg = conn.recv(None)
-            time.sleep(msg["delay"])
-            conn.send({"seq": msg["seq"]})
+            time.sleep(float(msg.abort.reason))
+            conn.send(answer(msg.abort.seq))
 
-    listener = CtlListener("127.0.0.1", handler, "echo")
-    conn = CtlConn.connect(listener.endpoint, 5.0)
+    listener = ControlListener("127.0.0.1", handler, "echo")
+    conn = ControlConn.connect(listener.endpoint, 5.0)
     yield conn
     conn.close()
     listener.close()
@@ -32,17 +42,17 @@ def echo_pair():
 def test_recv_with_spin_gets_replies_early_or_late(echo_pair, delay):
     # a reply inside the spin window, and one that comes after it (the receive then sleeps in select)
     for seq in range(3):
-        echo_pair.send({"seq": seq, "delay": delay})
-        assert echo_pair.recv(5.0, spin_s=0.002) == {"seq": seq}
+        echo_pair.send(ask(seq, delay))
+        assert echo_pair.recv(5.0, spin_s=0.002) == answer(seq)
 
 
 def test_recv_with_spin_still_times_out(echo_pair):
-    echo_pair.send({"seq": 0, "delay": 0.5})
+    echo_pair.send(ask(0, 0.5))
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         echo_pair.recv(0.05, spin_s=0.01)
     assert time.monotonic() - t0 < 0.4
-    assert echo_pair.recv(5.0) == {"seq": 0}  # the late reply is still read whole afterwards
+    assert echo_pair.recv(5.0) == answer(0)  # the late reply is still read whole afterwards
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is a Linux thread attribute")

@@ -252,7 +252,7 @@ def test_grafana_dashboard_queries_existing_series() -> None:
 
     metrics = RouterMetrics("m")
     metrics.success.labels("m", "stop").inc()
-    worker = (WorkerInfo("d0", "decode", "x:1", "m", "grpc", "", "h", 10, 4), WorkerLoad(1, 2, 5))
+    worker = (WorkerInfo("d0", "decode", "x:1", "m", "grpc", "", 10, 4), WorkerLoad(1, 2, 5))
     names = {s.name for f in text_string_to_metric_families(metrics.exposition([worker]).decode()) for s in f.samples}
     dashboard = (Path(__file__).parent.parent / "deploy" / "grafana" / "pdserve-dashboard.json").read_text()
     exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p["targets"]]

@@ -33,7 +33,7 @@ registry = redis_fixtures.registry
 
 
 def info(worker_id: str, role: str = "decode", blocks: int = 100) -> WorkerInfo:
-    return WorkerInfo(worker_id, role, f"{worker_id}:5000", "tiny", "grpc", "", "host0", blocks, 16)
+    return WorkerInfo(worker_id, role, f"{worker_id}:5000", "tiny", "grpc", "", blocks, 16)
 
 
 # --- registration, listing, liveness ---------------------------------------------------------------
@@ -42,7 +42,7 @@ def info(worker_id: str, role: str = "decode", blocks: int = 100) -> WorkerInfo:
 def test_register_and_list(registry: Registry) -> None:
     registry.register(info("d2", blocks=50), ttl_s=10)
     registry.register(info("d1"), ttl_s=10, load=WorkerLoad(1, 2, 80, 5))
-    registry.register(WorkerInfo("p1", "prefill", "h:1", "tiny", "nccl", "h:29500", "host1", 10, 16), 10)
+    registry.register(WorkerInfo("p1", "prefill", "h:1", "tiny", "nccl", "h:29500", 10, 16), 10)
     workers = registry.list_workers()
     assert [w.worker_id for w, _ in workers] == ["d1", "d2", "p1"]
     assert workers[0] == (info("d1"), WorkerLoad(1, 2, 80, 5))
@@ -413,7 +413,7 @@ def test_a_request_costs_the_router_two_registry_calls(make_cluster, monkeypatch
     c = make_cluster(mode=mode, policy=policy)
     if mode == "colocated":
         c.workers += [w := _Colocated("colocated")]
-        c.registry.register(WorkerInfo("c0", "colocated", f"127.0.0.1:{w.port}", "tiny", "none", "", "h0", 100,
+        c.registry.register(WorkerInfo("c0", "colocated", f"127.0.0.1:{w.port}", "tiny", "none", "", 100,
                                        BLOCK), ttl_s=60)
     else:
         for wid, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):

@@ -210,7 +210,7 @@ def test_worker_failures_map_to_statuses(make_cluster) -> None:  # type: ignore[
 
     c = make_cluster()
     c.add("p0", "prefill")
-    dead = WorkerInfo("d-dead", "decode", "127.0.0.1:1", "tiny", "grpc", "", "h0", 100, BLOCK)
+    dead = WorkerInfo("d-dead", "decode", "127.0.0.1:1", "tiny", "grpc", "", 100, BLOCK)
     c.registry.register(dead, ttl_s=60)
     with pytest.raises(pdserve.UnavailableError, match="d-dead"):
         c.client.generate("hello")

@@ -19,8 +19,9 @@ from pdserve.v1 import worker_pb2 as wpb
 from cluster.cluster_config import ClusterConfig
 from cluster.config import EngineOptions
 from cluster.registry import Registry, WorkerInfo
-from cluster.transport._sock_ctl import CtlConn, CtlListener
-from cluster.transport.base import TransportError
+from cluster.transport import kv_transfer_pb2 as kpb
+from cluster.transport.api import TransportError
+from cluster.transport.control import ControlConn, ControlListener
 from tests.cluster_harness import ClusterHarness
 
 KEY = "test-key-1"
@@ -167,31 +168,32 @@ def test_every_worker_method_refuses_a_caller_without_the_secret(harness):  # ty
 def test_kv_control_channel_refuses_a_peer_without_the_secret(harness):  # type: ignore[no-untyped-def]
     registry = Registry(harness.cluster.redis_url, "security", secret=harness.cluster.secret)
     (decode,) = [w for w, _ in registry.list_workers("decode")]
-    conn = CtlConn.connect(decode.transport_endpoint, 5.0)  # no hello: the receiver drops it
-    conn.send({"op": "pair", "timeout": 5.0})
+    conn = ControlConn.connect(decode.transport_endpoint, 5.0)  # no hello: the receiver drops it
+    conn.send(kpb.KVControl(dist_pair=kpb.DistPair(timeout_s=5.0)))
     with pytest.raises(TransportError):
         while True:
             conn.recv(5.0)
     with pytest.raises(TransportError, match="hello"):
-        CtlConn.connect(decode.transport_endpoint, 5.0, secret="not-the-secret")
+        ControlConn.connect(decode.transport_endpoint, 5.0, secret="not-the-secret")
     registry.close()
 
 
 def test_ctl_hello_both_ways():
     """A listener with the secret serves its holders only; a sender never talks to a listener without it."""
     served = []
-    listener = CtlListener("127.0.0.1", lambda c: served.append(c.recv(5.0)), "hello", secret="s3")
-    plain = CtlListener("127.0.0.1", lambda c: c.recv(5.0), "plain")
+    listener = ControlListener("127.0.0.1", lambda c: served.append(c.recv(5.0)), "hello", secret="s3")
+    plain = ControlListener("127.0.0.1", lambda c: c.recv(5.0), "plain")
+    message = kpb.KVControl(bye=kpb.KVBye())
     try:
-        conn = CtlConn.connect(listener.endpoint, 5.0, secret="s3")
-        conn.send({"op": "x"})
+        conn = ControlConn.connect(listener.endpoint, 5.0, secret="s3")
+        conn.send(message)
         deadline = time.monotonic() + 5
         while not served and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert served == [{"op": "x"}]
+        assert served == [message]
         t0 = time.perf_counter()
         with pytest.raises(TransportError):  # a listener that does not know the protocol: no hello arrives
-            CtlConn.connect(plain.endpoint, 0.3, secret="s3")
+            ControlConn.connect(plain.endpoint, 0.3, secret="s3")
         assert time.perf_counter() - t0 < 1.0
     finally:
         listener.close()
@@ -223,7 +225,7 @@ def test_unsigned_registry_entry_is_never_used(harness, certs):  # type: ignore[
     forger = Registry(harness.cluster.redis_url, "security", secret="a-guess")
     try:
         for reg, wid in ((forged, "prefill-evil"), (forger, "prefill-evil2")):
-            reg.register(WorkerInfo(wid, "prefill", f"127.0.0.1:{fake.port}", "tiny", "gloo", "", "h", 100, 16),
+            reg.register(WorkerInfo(wid, "prefill", f"127.0.0.1:{fake.port}", "tiny", "gloo", "", 100, 16),
                          ttl_s=60)
         harness.run(harness.cluster.router.orchestrator.view.refresh())
         with _client(harness, certs, KEY) as c:
@@ -317,13 +319,14 @@ def test_mutual_tls_on_a_router_alone(redis_server, tiny_llama, certs):  # type:
 def test_grpc_kv_transport_refuses_a_sender_without_the_secret():
     import torch
 
-    from cluster.transport import create_transport
+    from cluster.transport import create_receiver, create_sender
     from tests.transport_peers import initial_cache, kv_layout
 
     layout = kv_layout(torch.float32)
-    recv = create_transport("grpc", layout, initial_cache(torch.float32, 1), secret="s3")
-    good = create_transport("grpc", layout, initial_cache(torch.float32, 2), secret="s3")
-    stranger = create_transport("grpc", layout, initial_cache(torch.float32, 3))
+    recv_cache, good_cache = initial_cache(torch.float32, 1), initial_cache(torch.float32, 2)
+    recv = create_receiver("grpc", layout, recv_cache, secret="s3")
+    good = create_sender("grpc", layout, good_cache, secret="s3")
+    stranger = create_sender("grpc", layout, initial_cache(torch.float32, 3))
     try:
         endpoint = recv.listen()
         recv.expect("a", [1])
@@ -331,7 +334,7 @@ def test_grpc_kv_transport_refuses_a_sender_without_the_secret():
             stranger.send(endpoint, "a", [2], [1], 5.0)
         good.send(endpoint, "a", [2], [1], 5.0)
         recv.wait_received("a", 5.0)
-        assert torch.equal(recv.cache[:, :, 1], good.cache[:, :, 2])
+        assert torch.equal(recv_cache[:, :, 1], good_cache[:, :, 2])
     finally:
         for t in (recv, good, stranger):
             t.close()

@@ -1,5 +1,6 @@
-"""The peer processes of the KV transport tests: each owns one real transport and obeys commands sent over
-a pipe (`Peer.call`), so receivers and senders live in separate processes, as in a cluster. Caches hold
+"""The peer processes of the KV transport tests: each owns one real transport's two ends (sender and receiver)
+and obeys commands sent over a pipe (`Peer.call`), so receivers and senders live in separate processes, as in
+a cluster. Caches hold
 seeded random values, so a test rebuilds any peer's initial cache locally (`initial_cache`) and checks a
 receiver's cache bit for bit (`check_cache`).
 """
@@ -16,10 +17,11 @@ import torch
 import torch.multiprocessing as mp
 
 from cluster.engine.kv_layout import KVLayout
-from cluster.transport import create_transport
+from cluster.transport import create_receiver, create_sender
 
 NUM_BLOCKS = 24
 CPU_TRANSPORTS = ["gloo", "grpc"]
+RECEIVER_COMMANDS = {"listen", "expect", "wait_received", "poll_received", "forget"}
 
 
 def kv_layout(dtype: torch.dtype) -> KVLayout:
@@ -35,12 +37,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def peer_main(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, kw: dict[str, Any]) -> None:
-    """A worker process: owns one transport and answers (command, *args) messages until "exit"."""
+def peer_main(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, send: dict[str, Any],
+              receive: dict[str, Any]) -> None:
+    """A worker process: owns one transport's sender and receiver (options `send`, `receive`) and answers
+    (command, *args) messages until "exit"."""
     faulthandler.enable()
     pad = torch.ones(300, device=device)  # noqa: F841  # on CUDA: the cache then sits at an offset in its segment
     cache = initial_cache(dtype, seed).to(device)
-    transport = create_transport(name, kv_layout(dtype), cache, **kw)
+    sender = create_sender(name, kv_layout(dtype), cache, **send)
+    receiver = create_receiver(name, kv_layout(dtype), cache, **receive)
     keep: list[Any] = []
     while True:
         cmd, *args = conn.recv()
@@ -48,17 +53,18 @@ def peer_main(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, 
         faulthandler.dump_traceback_later(20)  # a command stuck this long prints every thread's stack
         try:
             if cmd == "exit":
-                transport.close()
+                sender.close()
+                receiver.close()
                 conn.send(("ok", None, 0.0))
                 return
             if cmd == "cache":
                 out = cache.cpu()
             elif cmd == "half_send":
-                keep.append(half_send(transport, *args))
+                keep.append(half_send(name, cache, *args))
             elif cmd == "streams":
-                run_streams(transport, *args)
+                run_streams(sender, *args)
             else:
-                out = getattr(transport, cmd)(*args)
+                out = getattr(receiver if cmd in RECEIVER_COMMANDS else sender, cmd)(*args)
             faulthandler.cancel_dump_traceback_later()
             conn.send(("ok", out, time.monotonic() - t0))
         except Exception as e:
@@ -67,14 +73,13 @@ def peer_main(conn: Any, name: str, dtype: torch.dtype, device: str, seed: int, 
                        [c.__name__ for c in type(e).__mro__], traceback.format_exc()))
 
 
-def run_streams(transport: Any, endpoint: str, script: list[tuple[Any, ...]]) -> None:
+def run_streams(sender: Any, endpoint: str, script: list[tuple[Any, ...]]) -> None:
     """Drive send streams step by step, as a prefill's layer hook and its worker do:
     ("open", rid, dst) | ("layers", rid, src, upto) | ("finish", rid, src) | ("abort", rid)."""
-    type(transport).streams_layers = True  # gloo streams synchronously: fine outside a forward, as here
     streams: dict[str, Any] = {}
     for op, rid, *args in script:
         if op == "open":
-            streams[rid] = transport.open_send(endpoint, rid, args[0], 20.0)
+            streams[rid] = sender.open_send(endpoint, rid, args[0], 20.0)
         elif op == "layers":
             streams[rid].layers_ready(*args)
         elif op == "finish":
@@ -83,31 +88,38 @@ def run_streams(transport: Any, endpoint: str, script: list[tuple[Any, ...]]) ->
             streams[rid].abort()
 
 
-def half_send(transport: Any, endpoint: str, rid: str, dst: list[int], timeout_s: float) -> Any:
-    """torch_dist only: pair and announce a transfer and its first chunk, then never send the data (a sender
-    that hangs or dies between header and data). Uses the wire protocol's internals on purpose."""
-    from cluster.transport._sock_ctl import CtlConn
-    from cluster.transport.base import parse_endpoint
+def half_send(name: str, cache: torch.Tensor, endpoint: str, rid: str, dst: list[int], timeout_s: float) -> Any:
+    """nccl/gloo only: pair and announce a transfer and its first chunk, then never send the data (a sender
+    that hangs or dies between header and data). Speaks the wire protocol by hand on purpose."""
+    from cluster.transport import kv_transfer_pb2 as kpb
+    from cluster.transport.api import parse_endpoint
+    from cluster.transport.control import ControlConn
+    from cluster.transport.dist_group import PairGroups
 
-    ctl = CtlConn.connect(endpoint, timeout_s)
-    ctl.send({"op": "pair", "timeout": timeout_s})
-    meta = ctl.recv(timeout_s)
-    pg = transport._join(parse_endpoint(endpoint)[0], meta["store_port"], meta["pair"], 0, timeout_s)
-    lay = transport.layout
-    ctl.send({"op": "begin", "seq": 1, "rid": rid, "dst": dst, "dtype": str(lay.dtype),
-              "block": [lay.block_size, lay.num_kv_heads, lay.head_dim], "timeout": timeout_s})
-    ctl.send({"op": "chunk", "seq": 1, "lo": 0, "hi": lay.num_layers,
-              "numel": lay.num_layers * 2 * len(dst) * lay.block_size * lay.num_kv_heads * lay.head_dim})
+    ctl = ControlConn.connect(endpoint, timeout_s)
+    ctl.send(kpb.KVControl(dist_pair=kpb.DistPair(timeout_s=timeout_s)))
+    paired = ctl.recv(timeout_s).dist_paired
+    pg = PairGroups(name, "127.0.0.1", cache.device).join(parse_endpoint(endpoint)[0], paired.store_port,
+                                                         paired.pair_id, 0, timeout_s)
+    lay = kv_layout(cache.dtype)
+    ctl.send(kpb.KVControl(begin=kpb.KVBegin(seq=1, request_id=rid, dst_block_ids=dst, timeout_s=timeout_s,
+                                             dtype=str(lay.dtype),
+                                             block_shape=[lay.block_size, lay.num_kv_heads, lay.head_dim])))
+    ctl.send(kpb.KVControl(layers=kpb.KVLayers(
+        seq=1, lo=0, hi=lay.num_layers,
+        numel=lay.num_layers * 2 * len(dst) * lay.block_size * lay.num_kv_heads * lay.head_dim)))
     return ctl, pg
 
 
 class Peer:
     """Test-side handle of a `peer_main` process."""
 
-    def __init__(self, name: str, dtype: torch.dtype, seed: int, device: str = "cpu", **kw: Any) -> None:
+    def __init__(self, name: str, dtype: torch.dtype, seed: int, device: str = "cpu",
+                 send: dict[str, Any] | None = None, receive: dict[str, Any] | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_main, args=(child, name, dtype, device, seed, kw), daemon=True)
+        self.proc = ctx.Process(target=peer_main, args=(child, name, dtype, device, seed, send or {}, receive or {}),
+                                daemon=True)
         self.proc.start()
         self.seed, self.dtype = seed, dtype
 

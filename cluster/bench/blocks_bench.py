@@ -24,7 +24,7 @@ from cluster.engine.block_manager import BlockManager
 
 
 def _runs(src: list[int], dst: list[int]) -> int:
-    from cluster.transport.cuda_ipc import block_runs
+    from cluster.transport.ipc_copy import block_runs
 
     return len(block_runs(src, dst))
 
@@ -35,7 +35,8 @@ class Churn:
 
     def __init__(self, prefill_blocks: int, decode_blocks: int, block_size: int) -> None:
         self.prefill = BlockManager(prefill_blocks, block_size)
-        self.decode = BlockManager(decode_blocks, block_size, enable_prefix_caching=False)  # as decode workers
+        self.decode = BlockManager(decode_blocks, block_size, enable_prefix_caching=False,
+                                   growth="lowest_id")  # as decode workers (LLMEngine without a prefix cache)
         self.live: list[tuple[int, list[int], list[int]]] = []  # (tokens left to generate, [tokens], blocks)
 
     def arrive(self, prompt: int, output: int) -> tuple[list[int], list[int]] | None:
@@ -114,7 +115,7 @@ def summarize(rows: list[dict[str, int]], max_runs: int) -> dict[str, Any]:
 
 def run_blocks_bench(args: argparse.Namespace) -> int:
     """Replay, print the summary, write OUT/blocks-<time>/result.json."""
-    from cluster.transport.cuda_ipc import COPY_ENGINE_MAX_RUNS
+    from cluster.transport.ipc_copy import COPY_ENGINE_MAX_RUNS
 
     if parse_range(args.input_range) is None or parse_range(args.output_range) is None:
         raise ValueError("give --input-range LO,HI and --output-range LO,HI")

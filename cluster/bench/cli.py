@@ -107,7 +107,8 @@ def _kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", help="nccl, cuda_ipc, gloo, grpc or a list (default: gloo,grpc on CPU, "
                                        "nccl,cuda_ipc,grpc on CUDA)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--gpus", default="0,1", help="CUDA: SENDER,RECEIVER GPU indices (both processes see all GPUs)")
+    p.add_argument("--gpus", default="0,1", help="CUDA: SENDER,RECEIVER GPU indices (both processes see all GPUs; "
+                                                 "0,0: both on one GPU, as 1P+1D on one GPU, not for nccl)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10, help="timed transfers per case")

@@ -1,6 +1,7 @@
 """`pdserve bench kv`: KV handoff between two processes against raw point-to-point of the same bytes.
 
-Two spawned processes (see `kv_worker`): the sender on `cuda:A` (or the CPU), the receiver on `cuda:B`;
+Two spawned processes (see `kv_worker`): the sender on `cuda:A` (or the CPU), the receiver on `cuda:B` (A may
+equal B: both on one GPU, cuda_ipc within a device, against a copy within the GPU as the raw reference);
 both see every GPU and pick theirs by index. Each allocates a paged KV cache for the model shape, sized
 for the longest prompt plus spare blocks; the sender fills its cache with seeded random values. Per
 (transport, prompt length) the sender times `send()` of the prompt's blocks into blocks the receiver has
@@ -77,7 +78,9 @@ def resolve_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return spec, {"shape": args.shape, "arch": arch, **spec_summary(spec)}
 
 
-def _devices(device: str, gpus: str) -> tuple[str, str]:
+def _devices(device: str, gpus: str, transports: list[str]) -> tuple[str, str]:
+    """(sender, receiver) devices. One GPU for both (`--gpus 0,0`) is what 1P+1D on one GPU runs (cuda_ipc
+    within a device); NCCL cannot pair a GPU with itself."""
     if device == "cpu":
         return "cpu", "cpu"
     import torch
@@ -86,11 +89,14 @@ def _devices(device: str, gpus: str) -> tuple[str, str]:
         a, b = (int(x) for x in gpus.split(","))
     except ValueError:
         raise ValueError(f"--gpus must be two GPU indices SENDER,RECEIVER, got {gpus!r}") from None
-    if a == b or min(a, b) < 0:
-        raise ValueError("--gpus needs two different GPU indices (NCCL cannot pair a GPU with itself)")
+    if min(a, b) < 0:
+        raise ValueError(f"--gpus needs GPU indices >= 0, got {gpus!r}")
+    if a == b and "nccl" in transports:
+        raise ValueError("nccl cannot pair a GPU with itself: give two GPUs (--gpus 0,1) or leave nccl out "
+                         "(--transport cuda_ipc,grpc)")
     count = torch.cuda.device_count()
     if max(a, b) >= count:
-        raise ValueError(f"--gpus {a},{b}: this host has {count} visible CUDA GPU(s); the benchmark needs two")
+        raise ValueError(f"--gpus {a},{b}: this host has {count} visible CUDA GPU(s)")
     return f"cuda:{a}", f"cuda:{b}"
 
 
@@ -205,7 +211,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
         raise ValueError("--repeats, --min-repeats and --block-size must be >= 1, --warmup >= 0, budget > 0")
     prompt_lens = parse_ints(str(args.prompt_len), "--prompt-len")
     transports = parse_transports(args.transport, args.device)
-    devices = _devices(args.device, args.gpus)
+    devices = _devices(args.device, args.gpus, transports)
     spec, model = resolve_spec(args)
     layout = KVLayout(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                       block_size=args.block_size, dtype=getattr(torch, args.dtype))
@@ -214,7 +220,9 @@ def run_kv_bench(args: argparse.Namespace) -> int:
     # churned ids need room to churn in: caches of _CHURN_ROOM longest prompts
     num_blocks = layout.blocks_for_tokens(max(prompt_lens)) * (_CHURN_ROOM if args.churned_ids else 1) \
         + _SPARE_BLOCKS
-    raw_backend = "nccl" if args.device == "cuda" else "gloo"
+    one_gpu = args.device == "cuda" and devices[0] == devices[1]
+    # the raw reference's group also carries the verification; on one GPU it is gloo (through host memory)
+    raw_backend = "nccl" if args.device == "cuda" and not one_gpu else "gloo"
     plan = Plan(layout=layout, num_blocks=num_blocks, devices=devices, raw_backend=raw_backend,
                 transports=tuple(transports), prompt_lens=tuple(prompt_lens), warmup=args.warmup,
                 repeats=args.repeats, min_repeats=args.min_repeats, case_budget_s=args.case_budget_s,
@@ -240,7 +248,9 @@ def run_kv_bench(args: argparse.Namespace) -> int:
         "devices": {"sender": devices[0], "receiver": devices[1],
                     "names": [device_name(d) for d in devices]},
         "raw_backend": raw_backend,
-        "raw_method": "one contiguous tensor sender->receiver + 1-element ack back, same processes/devices",
+        "raw_method": ("one device-to-device copy of a contiguous tensor of the same bytes on the GPU (sender)"
+                       if one_gpu else "one contiguous tensor sender->receiver + 1-element ack back, same "
+                                       "processes/devices"),
         "receiver_busy": args.receiver_busy, "contiguous_ids": args.contiguous_ids, "churned_ids": args.churned_ids,
         "switch_interval_ms": args.switch_interval_ms,
         "wall_s": wall, "raw": raw_rows, "results": rows, "prefill": prefill, "problems": problems,
@@ -248,7 +258,7 @@ def run_kv_bench(args: argparse.Namespace) -> int:
     path = write_json(folder / "result.json", result)
     print(f"KV handoff {devices[0]} -> {devices[1]}, {args.dtype}, {layout.bytes_per_block / 2**20:.3f} MiB/block "
           f"({spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim}, block {args.block_size})")
-    print_table(rows, raw_backend)
+    print_table(rows, "copy" if one_gpu else raw_backend)
     if prefill:
         print_prefill_table(prefill)
     print(f"wrote {path} ({wall:.1f}s)")

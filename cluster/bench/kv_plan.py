@@ -33,6 +33,15 @@ class Plan:
     switch_interval_s: float | None = None  # sys.setswitchinterval in both processes (None: Python's 5 ms)
     profile_dir: str | None = None  # with prefill_model: a torch.profiler timeline per case (kv_profile)
 
+    @property
+    def one_gpu(self) -> bool:
+        """Sender and receiver on one GPU: the raw reference is a copy within it (NCCL cannot pair them)."""
+        return self.devices[0] == self.devices[1] != "cpu"
+
+    def group_device(self, device: torch.device) -> torch.device:
+        """Where tensors for the raw reference's process group live (gloo: host memory)."""
+        return torch.device("cpu") if self.raw_backend == "gloo" else device
+
 
 def timed_loop(run_once: Callable[[int], float], warmup: int, repeats: int, min_repeats: int,
                budget_s: float) -> tuple[list[float], int, bool]:

@@ -16,18 +16,32 @@ its median. The first streamed transfer per case is checked bit for bit.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from cluster.bench.kv_plan import block_ids
+from cluster.bench.kv_plan import Plan, block_ids
 from cluster.bench.metrics import median_ci, percentile
 from cluster.bench.report import print_rows
+from cluster.engine.kv_layout import KVLayout
+from cluster.kv_trace import KVTrace
 
 if TYPE_CHECKING:
-    from cluster.bench.kv_plan import Plan
-    from cluster.bench.kv_worker import Sender
     from cluster.engine import LLMEngine
+
+
+class Sender(Protocol):
+    """What the prefill cases need from the sending process's driver (`kv_worker.Sender`): the plan, and the
+    receiver's commands over the coordination pipe."""
+
+    plan: Plan
+    layout: KVLayout
+
+    def ask(self, *msg: Any) -> Any:
+        """Send a command to the receiver; its answer."""
+
+    def verify(self, src: list[int], dst: list[int]) -> None:
+        """Bit-equal check of the receiver's blocks `dst` against ours `src`; raises if not."""
 
 
 def build_engine(plan: Plan, device: torch.device) -> LLMEngine:
@@ -86,7 +100,7 @@ def run_once(sender: Sender, engine: LLMEngine, transport: Any, endpoint: str, m
     if mode != "alone":
         sender.ask("received", rid, True)
     if verify:
-        sender._verify(src, dst)
+        sender.verify(src, dst)
     engine.release_prefilled(rid)
     return elapsed
 
@@ -119,12 +133,12 @@ def _case(sender: Sender, engine: LLMEngine, transport: Any, endpoint: str, prom
 def prefill_rows(sender: Sender, engine: LLMEngine) -> list[dict[str, Any]]:
     """Every transport in the plan at every prompt length (those that cannot stream send it all at the end,
     as "bulk" does); errors become rows."""
-    from cluster.transport import create_transport
+    from cluster.transport import create_sender
 
     rows: list[dict[str, Any]] = []
     for name in sender.plan.transports:
         endpoint = sender.ask("transport", name)
-        transport = create_transport(name, sender.layout, engine.kv_cache, host="127.0.0.1")
+        transport = create_sender(name, sender.layout, engine.kv_cache, trace=KVTrace.from_env())
         try:
             for p in sender.plan.prompt_lens:
                 try:

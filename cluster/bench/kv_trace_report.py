@@ -1,6 +1,6 @@
 """Phases of traced KV handoffs (`PDSERVE_KV_TRACE`, see `cluster.kv_trace`), in ms, p50 / p90.
 
-Per handoff, from the sender's and the receiver's monotonic times:
+Per handoff, from the sender's and the receiver's monotonic times (their lines joined by request id):
   exposed    sender's finish() (the prefill is done) -> the receiver's answer is in: what TTFT pays
   all_sent   finish() -> every layer enqueued (negative: streamed out before the prefill ended)
   end_seen   every layer enqueued -> the receiver read the last control message ("end"/"done")
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.bench.metrics import percentile
+from cluster.kv_trace import RECEIVER_FILE, SENDER_FILE
 
 _PHASES = {
     "exposed": ("finish", "reply"),
@@ -33,11 +34,25 @@ _PHASES = {
 }
 
 
-def load_trace(folder: str | Path) -> list[dict[str, Any]]:
-    """Every traced handoff under `folder` (all processes' files)."""
+def _lines(folder: str | Path, side: str) -> list[dict[str, Any]]:
     entries = []
-    for path in sorted(Path(folder).glob("**/kv-trace-*.jsonl")):
+    for path in sorted(Path(folder).glob(f"**/{side}-*.jsonl")):
         entries.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return entries
+
+
+def load_trace(folder: str | Path) -> list[dict[str, Any]]:
+    """Every traced handoff under `folder` (all processes' files): the sender's times, with the receiver's
+    under "rx" (its line for the same transport and request id that answered last before the sender's reply
+    was in: a request retried after an abort has one line per landed attempt)."""
+    received: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rx in _lines(folder, RECEIVER_FILE):
+        received.setdefault((rx["transport"], rx["rid"]), []).append(rx)
+    entries = _lines(folder, SENDER_FILE)
+    for e in entries:
+        answered = [rx for rx in received.get((e["transport"], e["rid"]), []) if rx.get("reply", 0.0) <= e["reply"]]
+        if answered:
+            e["rx"] = max(answered, key=lambda rx: rx["reply"])
     return entries
 
 

@@ -8,7 +8,9 @@ sender times `send()` (CUDA synchronised on both sides of it), sender -> "receiv
 group (gloo on CPU, NCCL on CUDA) over a TCPStore the sender hosts on a free port: per repetition the
 receiver posts its receive and answers, then the sender times one contiguous tensor of the same byte
 count, sender -> receiver, plus a 1-element ack back, so it ends where a handoff's `send()` ends (the
-sender knows the receiver holds the bytes).
+sender knows the receiver holds the bytes). With both processes on one GPU (NCCL cannot pair a GPU with
+itself) the group is gloo and only verifies; the raw reference is then one copy of the same bytes within
+the GPU, timed in the sender.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 from cluster.bench.kv_plan import Plan, block_ids, busy_python, timed_loop
+from cluster.bench.kv_prefill import build_engine, prefill_rows
+from cluster.kv_trace import KVTrace
+from cluster.transport import create_receiver, create_sender
 
 _CMD_TIMEOUT_S = 600.0  # the receiver's patience between commands, and the sender's for a plain answer
 
@@ -43,7 +48,7 @@ def _init_group(plan: Plan, rank: int, store: dist.Store, device: torch.device) 
     receive is posted ahead of the sender (its creation blocks until both ranks join)."""
     dist.init_process_group(plan.raw_backend, store=store, rank=rank, world_size=2,
                             timeout=timedelta(seconds=plan.send_timeout_s + 60))
-    one = torch.zeros(1, device=device)
+    one = torch.zeros(1, device=plan.group_device(device))
     if rank == 0:
         dist.send(one, 1)
     else:
@@ -61,11 +66,7 @@ def worker(rank: int, plan: Plan, conn: Any, results: Any) -> None:
         device = torch.device(plan.devices[rank])
         if device.type == "cuda":
             torch.cuda.set_device(device)  # by index: both processes see every GPU (cuda_ipc needs that)
-        engine = None
-        if rank == 0 and plan.prefill_model is not None:
-            from cluster.bench.kv_prefill import build_engine
-
-            engine = build_engine(plan, device)
+        engine = build_engine(plan, device) if rank == 0 and plan.prefill_model is not None else None
         cache = plan.layout.allocate(plan.num_blocks, device) if engine is None else engine.kv_cache
         if rank == 0:
             g = torch.Generator(device=device).manual_seed(plan.seed)
@@ -123,10 +124,8 @@ class Receiver:
     _op_exit = _op_close
 
     def _op_transport(self, name: str) -> str:
-        from cluster.transport import create_transport
-
         self._op_close()
-        self.transport = create_transport(name, self.plan.layout, self.cache, host="127.0.0.1")
+        self.transport = create_receiver(name, self.plan.layout, self.cache, trace=KVTrace.from_env())
         return self.transport.listen()
 
     def _op_expect(self, rid: str, dst: list[int], clear: bool) -> None:
@@ -153,11 +152,12 @@ class Receiver:
 
     def _verify(self, dst: list[int]) -> None:
         """Send the destination blocks back over the raw group, then whether every other block is still 0."""
-        dist.send(self.plan.layout.gather(self.cache, dst), 0)
+        wire = self.plan.group_device(self.device)
+        dist.send(self.plan.layout.gather(self.cache, dst).to(wire), 0)
         others = torch.ones(self.plan.num_blocks, dtype=torch.bool, device=self.device)
         others[dst] = False
         untouched = torch.tensor([int(not self.cache[:, :, others].any())], dtype=self.plan.layout.dtype,
-                                 device=self.device)
+                                 device=wire)
         dist.send(untouched, 0)
         _sync(self.device)
 
@@ -188,11 +188,7 @@ class Sender:
         rows = []
         for name in self.plan.transports:
             rows += self._transport_cases(name)
-        prefill: list[dict[str, Any]] = []
-        if engine is not None:
-            from cluster.bench.kv_prefill import prefill_rows
-
-            prefill = prefill_rows(self, engine)
+        prefill = prefill_rows(self, engine) if engine is not None else []
         self.ask("exit")
         return {"raw": raw, "rows": rows, "prefill": prefill}
 
@@ -204,8 +200,15 @@ class Sender:
         src, _ = block_ids(self.plan, self.layout.blocks_for_tokens(prompt_len))
         data = self.layout.gather(self.cache, src).reshape(-1)
         ack = torch.empty(1, dtype=data.dtype, device=self.device)
+        copy = torch.empty_like(data) if self.plan.one_gpu else None
 
         def once(_: int) -> float:
+            if copy is not None:  # one GPU: what the same bytes cost within it
+                _sync(self.device)
+                t0 = time.perf_counter()
+                copy.copy_(data)
+                _sync(self.device)
+                return time.perf_counter() - t0
             self.ask("raw", data.numel())
             _sync(self.device)
             t0 = time.perf_counter()
@@ -218,12 +221,10 @@ class Sender:
         return {"times_s": times, "warmup": warm, "capped": capped}
 
     def _transport_cases(self, name: str) -> list[dict[str, Any]]:
-        from cluster.transport import create_transport
-
         rows: list[dict[str, Any]] = []
         try:
             endpoint = self.ask("transport", name)
-            transport = create_transport(name, self.layout, self.cache, host="127.0.0.1")
+            transport = create_sender(name, self.layout, self.cache, trace=KVTrace.from_env())
         except Exception as e:
             return [{"transport": name, "prompt_len": p, "error": _line(e)} for p in self.plan.prompt_lens]
         try:
@@ -255,16 +256,17 @@ class Sender:
             elapsed = time.perf_counter() - t0
             self.ask("received", rid, True)
             if i == 0:
-                self._verify(src, dst)
+                self.verify(src, dst)
             return elapsed
 
         times, warm, capped = self._timed(once)
         return {"times_s": times, "warmup": warm, "capped": capped, "verified": True}
 
-    def _verify(self, src: list[int], dst: list[int]) -> None:
+    def verify(self, src: list[int], dst: list[int]) -> None:
         """Bit-equal check of the receiver's destination blocks against our source blocks; raises if not."""
-        expected = self.layout.gather(self.cache, src)
-        got, untouched = torch.empty_like(expected), torch.empty(1, dtype=expected.dtype, device=self.device)
+        wire = self.plan.group_device(self.device)
+        expected = self.layout.gather(self.cache, src).to(wire)
+        got, untouched = torch.empty_like(expected), torch.empty(1, dtype=expected.dtype, device=wire)
         self.ask("verify", dst)
         dist.recv(got, 1)
         dist.recv(untouched, 1)

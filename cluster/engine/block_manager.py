@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from typing import Literal
 
 from cluster.engine.sequence import Sequence
 from cluster.prefix_hash import chain_block_hashes, hash_block
 
+Growth = Literal["lru", "lowest_id"]
+
 
 class BlockManager:
-    """Owns block ids 1..num_blocks-1 of one KV cache."""
+    """Owns block ids 1..num_blocks-1 of one KV cache.
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    `growth` is where a growing sequence's next block comes from: "lru", the free list's front (the least
+    recently freed block: prefix-cache eviction goes oldest first); "lowest_id", the lowest free id, which fills
+    holes and leaves the long free runs whole for the next fresh allocation (it ignores eviction order, so only
+    without a prefix cache).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 growth: Growth = "lru") -> None:
         if num_blocks < 2:
             raise ValueError(f"need at least 2 KV blocks (one is scratch), got {num_blocks}")
+        if growth not in ("lru", "lowest_id"):
+            raise ValueError(f"growth must be 'lru' or 'lowest_id', got {growth!r}")
+        if growth == "lowest_id" and enable_prefix_caching:
+            raise ValueError("growth 'lowest_id' ignores the prefix cache's eviction order: turn the cache off")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
@@ -28,10 +42,9 @@ class BlockManager:
         self.block_hash: list[str | None] = [None] * num_blocks
         self.hash_to_block: dict[str, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        # Without a prefix cache no eviction order matters, so decode growth takes the LOWEST free id: it fills
-        # holes and leaves the long free runs whole for the next reservation (`pdserve bench blocks`). A heap
-        # with lazy deletion: entries of blocks taken from the free list's front are skipped when popped.
-        self._lowest: list[int] | None = None if enable_prefix_caching else list(range(1, num_blocks))
+        # "lowest_id": a heap of the free ids with lazy deletion (entries of blocks taken from the free list's
+        # front are skipped when popped).
+        self._lowest: list[int] | None = list(range(1, num_blocks)) if growth == "lowest_id" else None
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -134,8 +147,8 @@ class BlockManager:
             seq.block_table.append(self.grow_block())
 
     def grow_block(self) -> int:
-        """One more block for a growing sequence: the free list's front (LRU eviction), or without a prefix
-        cache the lowest free id. Every free block has an entry in the heap."""
+        """One more block for a growing sequence, by the `growth` policy. With "lowest_id" every free block has
+        an entry in the heap."""
         if not self.free:
             raise RuntimeError("no free KV block to grow into (check can_append first)")
         heap = self._lowest

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import EngineConfig
-from cluster.engine.block_manager import BlockManager
+from cluster.engine.block_manager import BlockManager, Growth
 from cluster.engine.kv_handoff import KVHandoff, LayerSink
 from cluster.engine.kv_layout import KVLayout
 from cluster.engine.model_runner import ModelRunner
@@ -61,8 +61,12 @@ class LLMEngine:
         self.kv_layout = KVLayout(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
                                   config.block_size, self.dtype)
         self.kv_cache = self.kv_layout.allocate(self._num_blocks(), self.device)
+        # Without a prefix cache there is no eviction order to keep, so growing sequences take the lowest free
+        # ids: the long free runs stay whole, and a decode worker's next reservation (the next KV handoff's
+        # destination) is few runs of consecutive ids, which cuda_ipc moves as one copy-engine copy each.
+        growth: Growth = "lru" if config.enable_prefix_caching else "lowest_id"
         self.block_manager = BlockManager(self.kv_cache.shape[2], config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, growth)
         self.scheduler = Scheduler(SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device,

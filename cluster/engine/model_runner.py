@@ -128,8 +128,8 @@ class ModelRunner:
         top = top_logprobs(logits, tokens, max(w or 0 for w in want)) if any(w is not None for w in want) else None
         if tokens.is_cuda:
             # Wait for the step here (GIL released) before reading results. A pageable copy (tolist) from a busy
-            # stream holds a CUDA driver lock until the stream drains, and every other thread's copy or memset
-            # (a KV receive's NCCL post, a cuda_ipc 2D copy) waited for it: 8.7 ms per call (docs/benchmarks.md).
+            # stream holds a CUDA driver lock until the stream drains, so every other thread's copy or memset (a
+            # KV receive's NCCL post, a cuda_ipc 2D copy) would wait out the whole step for it.
             torch.cuda.current_stream(tokens.device).synchronize()
         token_ids = tokens.tolist()
         logprobs: list[dict[int, float] | None] = [None] * len(want)

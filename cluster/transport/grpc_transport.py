@@ -1,13 +1,16 @@
 """"grpc": KV blocks as raw bytes over one client-streaming gRPC call (works between any two hosts).
 
-Wire protocol (kv_transfer.proto, service pdserve.transport.v1.KVTransfer):
+Wire (kv_transfer.proto, service pdserve.transport.v1.KVTransfer):
   PushKV(stream KVChunk) -> PushKVReply
   chunk 0 carries the KVHeader (request id, receiver dst ids, dtype, shape, nbytes) and the first bytes;
-  every chunk carries up to chunk_bytes (default 4 MiB) of the gathered tensor ([L, 2, n, block, heads, dim], C order,
-  raw little-endian bytes of the dtype). The receiver rejects at once (REJECTED, before reading the
+  every chunk carries up to chunk_bytes (default 4 MiB) of the gathered tensor ([L, 2, n, block, heads, dim], C
+  order, raw little-endian bytes of the dtype). The receiver rejects at once (REJECTED, before reading the
   rest) a request it does not expect; otherwise it assembles the bytes in a host buffer, then claims the
-  request under the lock, scatters into its cache and answers OK. The call's deadline is the sender's
-  timeout, so a dead or stuck receiver surfaces as DEADLINE_EXCEEDED / UNAVAILABLE -> TransportError.
+  request, scatters into its cache and answers OK. The call's deadline is the sender's timeout, so a dead or
+  stuck receiver surfaces as DEADLINE_EXCEEDED / UNAVAILABLE -> TransportError.
+
+Threads: the sender's `send` runs on the caller's thread (no streaming: everything at `finish`); the receiver
+serves each call on a thread of its gRPC server's pool.
 """
 
 from __future__ import annotations
@@ -23,16 +26,23 @@ import numpy as np
 import torch
 
 from cluster.engine.kv_layout import KVLayout
+from cluster.kv_trace import NO_TRACE, KVTrace
 from cluster.secret import METADATA_KEY, mac, metadata_value, same
 from cluster.transport import kv_transfer_pb2 as pb
 from cluster.transport import kv_transfer_pb2_grpc as pb_grpc
-from cluster.transport.base import KVTransport, TransportError, TransportRejected, format_endpoint
+from cluster.transport.api import TransportError, TransportRejected, check_cache, format_endpoint
+from cluster.transport.expectations import Expectations
+from cluster.transport.receiver import Receiver
 
 CHUNK_BYTES = 4 << 20  # default payload bytes per message
 _MAX_MSG = 64 << 20  # what a receiver accepts per message: chunks up to ~60 MB plus the header
 _OPTIONS = [("grpc.max_receive_message_length", _MAX_MSG), ("grpc.max_send_message_length", _MAX_MSG)]
 _MAX_SCATTER_S = 60.0
-_DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def _token(secret: str) -> str:
+    """What a sender shows a receiver; not the WorkerService token: a receiver sees it."""
+    return mac(secret, "kv-grpc") if secret else ""
 
 
 def _as_bytes_view(t: torch.Tensor) -> memoryview:
@@ -41,48 +51,38 @@ def _as_bytes_view(t: torch.Tensor) -> memoryview:
 
 
 class _Servicer(pb_grpc.KVTransferServicer):
-    def __init__(self, owner: GrpcTransport) -> None:
-        self.owner = owner
+    def __init__(self, server: GrpcServer) -> None:
+        self.server = server
 
     def PushKV(self, request_iterator: Iterator[pb.KVChunk], context: grpc.ServicerContext) -> pb.PushKVReply:  # noqa: N802
-        return self.owner._receive(request_iterator, context)
+        return self.server.receive(request_iterator, context)
 
 
-class GrpcTransport(KVTransport):
-    """Receiver: an in-process gRPC server (thread pool, port 0). Sender: one channel per endpoint."""
+class GrpcServer:
+    """The receiving half: an in-process gRPC server (thread pool, port 0)."""
 
-    name = "grpc"
-
-    def __init__(self, layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1",
-                 max_workers: int = 4, chunk_bytes: int = CHUNK_BYTES, secret: str = "") -> None:
-        super().__init__(layout, cache, host=host, secret=secret)
-        self._token = mac(secret, "kv-grpc") if secret else ""  # not the WorkerService token: a peer sees it
-        if not 0 < chunk_bytes <= _MAX_MSG - (4 << 20):
-            raise ValueError(f"chunk_bytes must be in (0, {_MAX_MSG - (4 << 20)}], got {chunk_bytes}")
+    def __init__(self, layout: KVLayout, cache: torch.Tensor, expected: Expectations, host: str, secret: str,
+                 max_workers: int) -> None:
+        self.layout, self.cache, self.expected, self.host = layout, cache, expected, host
+        self._token = _token(secret)
         self._max_workers = max_workers
-        self._chunk = chunk_bytes
-        self._lock = threading.Lock()
         self._server: grpc.Server | None = None
-        self._endpoint: str | None = None
-        self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.KVTransferStub]] = {}
-        self._closed = False
 
-    # --- receiver -----------------------------------------------------------------------------------
-    def listen(self) -> str:
-        with self._lock:
-            if self._closed:
-                raise TransportError("transport is closed")
-            if self._endpoint is None:
-                server = grpc.server(futures.ThreadPoolExecutor(self._max_workers, "kv-grpc"), options=_OPTIONS)
-                pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), server)
-                port = server.add_insecure_port(format_endpoint(self.host, 0))
-                if not port:
-                    raise TransportError(f"could not bind a gRPC port on {self.host}")
-                server.start()
-                self._server, self._endpoint = server, format_endpoint(self.host, port)
-            return self._endpoint
+    def start(self) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(self._max_workers, "kv-grpc"), options=_OPTIONS)
+        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), server)
+        port = server.add_insecure_port(format_endpoint(self.host, 0))
+        if not port:
+            raise TransportError(f"could not bind a gRPC port on {self.host}")
+        server.start()
+        self._server = server
+        return format_endpoint(self.host, port)
 
-    def _receive(self, chunks: Iterator[pb.KVChunk], context: grpc.ServicerContext) -> pb.PushKVReply:
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait(5.0)
+
+    def receive(self, chunks: Iterator[pb.KVChunk], context: grpc.ServicerContext) -> pb.PushKVReply:
         def fail(status: int, error: str) -> pb.PushKVReply:
             return pb.PushKVReply(status=status, error=error)  # type: ignore[arg-type]
 
@@ -92,14 +92,13 @@ class GrpcTransport(KVTransport):
         if first is None or not first.HasField("header"):
             return fail(pb.PushKVReply.ERROR, "stream does not start with a header")
         h = first.header
-        rid, dst, shape, dtype = h.request_id, list(h.dst_block_ids), tuple(h.shape), _DTYPES.get(h.dtype)
-        if dtype != self.layout.dtype or (dst and shape != self.layout.cache_shape(len(dst))):
+        rid, dst, shape = h.request_id, list(h.dst_block_ids), tuple(h.shape)
+        if h.dtype != str(self.layout.dtype) or (dst and shape != self.layout.cache_shape(len(dst))):
             return fail(pb.PushKVReply.REJECTED, f"layout mismatch: got {shape}/{h.dtype}, expected "
                                                  f"{self.layout.cache_shape(len(dst))}/{self.layout.dtype}")
-        with self._cv:  # early drop, before reading the payload; the claim below re-checks
-            if rid not in self._expected:
-                return fail(pb.PushKVReply.REJECTED, f"receiver does not expect request {rid!r}")
-        buf = torch.empty(shape if dst else (0,), dtype=dtype)
+        if not self.expected.expects(rid):  # early drop, before reading the payload; the claim below re-checks
+            return fail(pb.PushKVReply.REJECTED, f"receiver does not expect request {rid!r}")
+        buf = torch.empty(shape if dst else (0,), dtype=self.layout.dtype)
         view = np.asarray(_as_bytes_view(buf))
         if h.nbytes != view.nbytes:
             return fail(pb.PushKVReply.ERROR, f"header says {h.nbytes} bytes, shape needs {view.nbytes}")
@@ -115,7 +114,7 @@ class GrpcTransport(KVTransport):
         if not context.is_active():  # the sender gave up (deadline, cancel): don't write behind its back
             return fail(pb.PushKVReply.ERROR, "sender went away")
         try:
-            ticket = self._claim(rid, len(dst), dst, _MAX_SCATTER_S)
+            ticket = self.expected.claim(rid, len(dst), dst, _MAX_SCATTER_S)
         except TransportRejected as e:
             return fail(pb.PushKVReply.REJECTED, str(e))
         try:
@@ -124,12 +123,32 @@ class GrpcTransport(KVTransport):
                 if self.cache.device.type == "cuda":
                     torch.cuda.current_stream(self.cache.device).synchronize()
         except Exception as e:
-            self._finish(rid, ticket, False, str(e))
+            self.expected.finish(rid, ticket, False, str(e))
             return fail(pb.PushKVReply.ERROR, f"scatter failed: {e}")
-        self._finish(rid, ticket, True)
+        self.expected.finish(rid, ticket, True)
         return pb.PushKVReply(status=pb.PushKVReply.OK)
 
-    # --- sender -------------------------------------------------------------------------------------
+
+class GrpcSender:
+    """The sending half: one channel per receiver endpoint; a send gathers the blocks into host memory and
+    streams them in one call."""
+
+    name = "grpc"
+
+    def __init__(self, layout: KVLayout, cache: torch.Tensor, secret: str, chunk_bytes: int) -> None:
+        check_cache(layout, cache)
+        if not 0 < chunk_bytes <= _MAX_MSG - (4 << 20):
+            raise ValueError(f"chunk_bytes must be in (0, {_MAX_MSG - (4 << 20)}], got {chunk_bytes}")
+        self.layout, self.cache = layout, cache
+        self._token = _token(secret)
+        self._chunk = chunk_bytes
+        self._lock = threading.Lock()
+        self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.KVTransferStub]] = {}
+        self._closed = False
+
+    def open_send(self, endpoint: str, request_id: str, dst_block_ids: list[int], timeout_s: float) -> WholeSend:
+        return WholeSend(self, endpoint, request_id, list(dst_block_ids), timeout_s)
+
     def _stub(self, endpoint: str) -> pb_grpc.KVTransferStub:
         with self._lock:
             if self._closed:
@@ -176,12 +195,26 @@ class GrpcTransport(KVTransport):
             if self._closed:
                 return
             self._closed = True
-            server, self._server = self._server, None
             stubs, self._stubs = list(self._stubs.values()), {}
         for channel, _ in stubs:
             channel.close()
-        if server is not None:
-            server.stop(grace=1.0).wait(5.0)
+
+
+class WholeSend:
+    """A send stream that cannot stream: everything moves in one `send` at `finish`."""
+
+    def __init__(self, sender: GrpcSender, endpoint: str, request_id: str, dst: list[int], timeout_s: float) -> None:
+        self._sender, self._endpoint, self._rid = sender, endpoint, request_id
+        self._dst, self._timeout_s = dst, timeout_s
+
+    def layers_ready(self, src_block_ids: list[int], upto: int) -> None:
+        pass
+
+    def finish(self, src_block_ids: list[int]) -> None:
+        self._sender.send(self._endpoint, self._rid, src_block_ids, self._dst, self._timeout_s)
+
+    def abort(self) -> None:
+        pass
 
 
 def _chain(first: pb.KVChunk, rest: Iterator[pb.KVChunk]) -> Iterator[pb.KVChunk]:
@@ -193,3 +226,16 @@ def _chunks(header: pb.KVHeader, payload: memoryview, size: int) -> Iterator[pb.
     yield pb.KVChunk(header=header, data=bytes(payload[:size]))
     for off in range(size, len(payload), size):
         yield pb.KVChunk(data=bytes(payload[off:off + size]))
+
+
+def open_sender(layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1", secret: str = "",
+                trace: KVTrace = NO_TRACE, chunk_bytes: int = CHUNK_BYTES) -> GrpcSender:
+    """`host` and `trace` are unused: the endpoint says where, and a grpc send has no phases worth a trace."""
+    return GrpcSender(layout, cache, secret, chunk_bytes)
+
+
+def open_receiver(layout: KVLayout, cache: torch.Tensor, *, host: str = "127.0.0.1", secret: str = "",
+                  trace: KVTrace = NO_TRACE, max_workers: int = 4) -> Receiver:
+    check_cache(layout, cache)
+    expected = Expectations()
+    return Receiver("grpc", GrpcServer(layout, cache, expected, host, secret, max_workers), expected)

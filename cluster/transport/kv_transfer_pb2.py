@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cluster/transport/kv_transfer.proto\x12\x14pdserve.transport.v1\"c\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rdst_block_ids\x18\x02 \x03(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"G\n\x07KVChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.pdserve.transport.v1.KVHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x81\x01\n\x0bPushKVReply\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32(.pdserve.transport.v1.PushKVReply.Status\x12\r\n\x05\x65rror\x18\x02 \x01(\t\")\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0c\n\x08REJECTED\x10\x01\x12\t\n\x05\x45RROR\x10\x02\x32Z\n\nKVTransfer\x12L\n\x06PushKV\x12\x1d.pdserve.transport.v1.KVChunk\x1a!.pdserve.transport.v1.PushKVReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cluster/transport/kv_transfer.proto\x12\x14pdserve.transport.v1\"c\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rdst_block_ids\x18\x02 \x03(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"G\n\x07KVChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.pdserve.transport.v1.KVHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x81\x01\n\x0bPushKVReply\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32(.pdserve.transport.v1.PushKVReply.Status\x12\r\n\x05\x65rror\x18\x02 \x01(\t\")\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0c\n\x08REJECTED\x10\x01\x12\t\n\x05\x45RROR\x10\x02\"\xb5\x04\n\tKVControl\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.pdserve.transport.v1.KVHelloH\x00\x12\x33\n\tdist_pair\x18\x02 \x01(\x0b\x32\x1e.pdserve.transport.v1.DistPairH\x00\x12\x37\n\x0b\x64ist_paired\x18\x03 \x01(\x0b\x32 .pdserve.transport.v1.DistPairedH\x00\x12\x31\n\x08ipc_pair\x18\x04 \x01(\x0b\x32\x1d.pdserve.transport.v1.IpcPairH\x00\x12\x35\n\nipc_paired\x18\x05 \x01(\x0b\x32\x1f.pdserve.transport.v1.IpcPairedH\x00\x12.\n\x05\x62\x65gin\x18\x06 \x01(\x0b\x32\x1d.pdserve.transport.v1.KVBeginH\x00\x12\x30\n\x06layers\x18\x07 \x01(\x0b\x32\x1e.pdserve.transport.v1.KVLayersH\x00\x12*\n\x03\x65nd\x18\x08 \x01(\x0b\x32\x1b.pdserve.transport.v1.KVEndH\x00\x12.\n\x05\x61\x62ort\x18\t \x01(\x0b\x32\x1d.pdserve.transport.v1.KVAbortH\x00\x12.\n\x05reply\x18\n \x01(\x0b\x32\x1d.pdserve.transport.v1.KVReplyH\x00\x12*\n\x03\x62ye\x18\x0b \x01(\x0b\x32\x1b.pdserve.transport.v1.KVByeH\x00\x42\x06\n\x04kind\"%\n\x07KVHello\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\t\"\x1d\n\x08\x44istPair\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"1\n\nDistPaired\x12\x0f\n\x07pair_id\x18\x01 \x01(\x03\x12\x12\n\nstore_port\x18\x02 \x01(\x05\"\x1f\n\x07IpcPair\x12\x14\n\x0c\x65vent_handle\x18\x01 \x01(\x0c\"P\n\tIpcPaired\x12\x15\n\rmemory_handle\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\"x\n\x07KVBegin\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rdst_block_ids\x18\x03 \x03(\x05\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0b\x62lock_shape\x18\x06 \x03(\x03\">\n\x08KVLayers\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\n\n\x02lo\x18\x02 \x01(\x05\x12\n\n\x02hi\x18\x03 \x01(\x05\x12\r\n\x05numel\x18\x04 \x01(\x03\"\x14\n\x05KVEnd\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"&\n\x07KVAbort\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb8\x01\n\x07KVReply\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x34\n\x06status\x18\x02 \x01(\x0e\x32$.pdserve.transport.v1.KVReply.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"[\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x12\x08\n\x04LATE\x10\x05\"\x07\n\x05KVBye2Z\n\nKVTransfer\x12L\n\x06PushKV\x12\x1d.pdserve.transport.v1.KVChunk\x1a!.pdserve.transport.v1.PushKVReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHKVREPLY']._serialized_end=365
   _globals['_PUSHKVREPLY_STATUS']._serialized_start=324
   _globals['_PUSHKVREPLY_STATUS']._serialized_end=365
-  _globals['_KVTRANSFER']._serialized_start=367
-  _globals['_KVTRANSFER']._serialized_end=457
+  _globals['_KVCONTROL']._serialized_start=368
+  _globals['_KVCONTROL']._serialized_end=933
+  _globals['_KVHELLO']._serialized_start=935
+  _globals['_KVHELLO']._serialized_end=972
+  _globals['_DISTPAIR']._serialized_start=974
+  _globals['_DISTPAIR']._serialized_end=1003
+  _globals['_DISTPAIRED']._serialized_start=1005
+  _globals['_DISTPAIRED']._serialized_end=1054
+  _globals['_IPCPAIR']._serialized_start=1056
+  _globals['_IPCPAIR']._serialized_end=1087
+  _globals['_IPCPAIRED']._serialized_start=1089
+  _globals['_IPCPAIRED']._serialized_end=1169
+  _globals['_KVBEGIN']._serialized_start=1171
+  _globals['_KVBEGIN']._serialized_end=1291
+  _globals['_KVLAYERS']._serialized_start=1293
+  _globals['_KVLAYERS']._serialized_end=1355
+  _globals['_KVEND']._serialized_start=1357
+  _globals['_KVEND']._serialized_end=1377
+  _globals['_KVABORT']._serialized_start=1379
+  _globals['_KVABORT']._serialized_end=1417
+  _globals['_KVREPLY']._serialized_start=1420
+  _globals['_KVREPLY']._serialized_end=1604
+  _globals['_KVREPLY_STATUS']._serialized_start=1513
+  _globals['_KVREPLY_STATUS']._serialized_end=1604
+  _globals['_KVBYE']._serialized_start=1606
+  _globals['_KVBYE']._serialized_end=1613
+  _globals['_KVTRANSFER']._serialized_start=1615
+  _globals['_KVTRANSFER']._serialized_end=1705
 # @@protoc_insertion_point(module_scope)

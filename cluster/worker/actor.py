@@ -44,11 +44,6 @@ class WorkerActor:
         assert self.server.loop is not None
         return dict(self.server.loop.stats.__dict__)
 
-    async def check_block_accounting(self) -> None:
-        """Raise unless every KV block is free or owned by something live (for tests and debugging)."""
-        assert self.server.loop is not None
-        await self.server.loop.acall(lambda e: e.check_block_accounting())
-
     async def drain(self, timeout_s: float = 30.0) -> None:
         await self.server.drain(timeout_s)
 

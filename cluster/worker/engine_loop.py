@@ -165,8 +165,8 @@ class EngineLoop:
                 self._refresh_stats()
                 continue
             self._refresh_stats()
-            # Not `not outputs`: a step of prompt chunks yields none, and waiting 50 ms for calls after each
-            # chunk made a chunked prefill on an otherwise idle worker ~10x slower.
+            # Not `not outputs`: a step of prompt chunks yields none, and a chunked prefill on an otherwise idle
+            # worker must not wait for calls between its chunks.
             idle = self.engine.last_step_tokens == 0
             if outputs:
                 self._deliver(outputs, started)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import socket
 import sys
 import uuid
 
@@ -60,7 +59,7 @@ class WorkerServer:
         self._info = WorkerInfo(
             worker_id=self.worker_id, role=cfg.role, address=self.address, model=cfg.engine.model,
             transport=transport.name if transport is not None else NO_TRANSPORT,
-            transport_endpoint=self.servicer.endpoint, host_id=socket.gethostname(),
+            transport_endpoint=self.servicer.endpoint,
             total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size,
             max_requests=cfg.engine.max_num_seqs + cfg.max_queue)
         self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name, secret=cfg.cluster_secret)
@@ -73,8 +72,8 @@ class WorkerServer:
 
     def _engine_config(self) -> EngineConfig:
         """The role's engine. A decode worker keeps no prefix cache: its prompts arrive as KV, it never prefills
-        them, and without one its growing sequences take the lowest free block ids, which keeps the blocks of
-        the next KV handoff in few runs (cuda_ipc moves each run as one copy; `BlockManager.grow_block`)."""
+        them, and without one its block manager grows sequences into the lowest free ids, which keeps the
+        blocks of the next KV handoff in few runs (see `LLMEngine`, where that growth policy is chosen)."""
         if self.config.role == "decode":
             return dataclasses.replace(self.config.engine, enable_prefix_caching=False)
         return self.config.engine

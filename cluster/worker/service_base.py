@@ -19,7 +19,7 @@ from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine import LLMEngine, StepOutput
 from cluster.engine.outputs import FINISH_ABORT
-from cluster.transport import create_transport
+from cluster.kv_trace import KVTrace
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop, output_queue
 
@@ -46,7 +46,8 @@ class Timed:
 
 class WorkerServicerBase:
     """Shared parts; the role modules add Prefill, Reserve/Decode or Generate. RPCs a role does not define
-    answer UNIMPLEMENTED. `transport` / `endpoint`: the KV transport the role moves KV with (None, "" if none)."""
+    answer UNIMPLEMENTED. `transport` / `endpoint`: the role's end of its KV transport (a `KVSender` or a
+    `KVReceiver`; None, "" if the role moves no KV)."""
 
     transport: Any = None
     endpoint: str = ""
@@ -65,11 +66,13 @@ class WorkerServicerBase:
         """The role's servicer for a loaded engine (roles that move KV open their transport here)."""
         return cls(config, worker_id, loop)
 
-    def open_transport(self) -> None:
-        """Open the worker's KV transport over its engine's cache (the roles that move KV call this in `create`)."""
+    def open_transport(self, create: Callable[..., T]) -> T:
+        """Open this worker's end of its KV transport over the engine's cache: `cluster.transport.create_sender`
+        or `create_receiver` (the roles that move KV call this in `create`). The KV trace is read here, once."""
         cfg, engine = self.config, self.loop.engine
-        self.transport = create_transport(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host,
-                                          secret=cfg.cluster_secret)
+        self.transport = create(cfg.transport, engine.kv_layout, engine.kv_cache, host=cfg.host,
+                                secret=cfg.cluster_secret, trace=KVTrace.from_env())
+        return self.transport
 
     async def handle(self, method: str, request: bytes) -> bytes:
         """Answer one RPC: the request's bytes in, the reply's bytes out (or WorkerError)."""

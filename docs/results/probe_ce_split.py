@@ -17,8 +17,8 @@ import cupy
 import torch
 
 from cluster.bench.blocks_bench import churned_ids
-from cluster.engine.kernels.block_copy import copy_blocks
-from cluster.transport.cuda_ipc import block_runs
+from cluster.transport.block_copy import copy_blocks
+from cluster.transport.ipc_copy import block_runs
 
 L, BS, HKV, D, NB = 32, 16, 8, 128, 4096
 src_dev, dst_dev = torch.device("cuda:0"), torch.device("cuda:1")

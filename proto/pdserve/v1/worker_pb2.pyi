@@ -19,18 +19,16 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
-    __slots__ = ("block_ids", "transport", "transport_endpoint", "worker_id", "block_size")
+    __slots__ = ("block_ids", "transport", "transport_endpoint", "worker_id")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     transport: str
     transport_endpoint: str
     worker_id: str
-    block_size: int
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., transport_endpoint: _Optional[str] = ..., worker_id: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., transport: _Optional[str] = ..., transport_endpoint: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
     __slots__ = ("worker_id", "transport", "transport_endpoint", "block_ids")

@@ -1,4 +1,5 @@
-"""CUDA stream helpers of the KV transports: waiting on a stream with a deadline, ids onto the GPU."""
+"""CUDA stream helpers of the KV transports: a high-priority stream of their own, waiting on a stream with a
+deadline, block ids onto the GPU without a CPU stall."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import time
 
 import torch
 
-from cluster.transport.base import TransportError
+from cluster.transport.api import TransportError
 
 _POLL_MIN_S, _POLL_MAX_S = 2e-5, 2e-4  # poll gaps back off: a long wait must not keep taking the GIL
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream for a transport's copies, sends and receives, at high priority: they use few SMs but must
+    not queue behind a prefill's (or a decode step's) kernels, or the transfer lags the compute it should
+    hide behind."""
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def wait_event(event: torch.cuda.Event, deadline: float, max_gap_s: float = _POLL_MAX_S) -> None:

@@ -3,7 +3,8 @@
 `copy_blocks(src_cache, dst_cache, src_ids, dst_ids, lo, hi)` writes `dst_cache[l, kv, dst_ids[i]] =
 src_cache[l, kv, src_ids[i]]` for layers lo..hi in ONE kernel. The caches may hold different numbers of
 blocks, and `dst_cache` may live on another GPU mapped into this process (CUDA IPC, peer access): then
-the stores travel over NVLink straight into the peer's blocks, as the cuda_ipc transport does.
+the stores travel over NVLink straight into the peer's blocks. The cuda_ipc transport's copy for scattered ids
+(`ipc_copy`); CUDA only (Triton).
 """
 
 from __future__ import annotations
