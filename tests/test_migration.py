@@ -36,7 +36,7 @@ from tests.cluster_harness import ClusterHarness
 from tests.sdk_router_helpers import wait_for
 
 MAX_TOKENS = 96  # long enough that a kill after 3 deltas lands mid-stream
-LEASE_MS = 2_000  # the stalled prefill worker's requests: KV missing after this long
+LEASE_MS = 6_000  # the stalled prefill worker's requests: KV missing after this long (others' prefills fit)
 PROMPTS = [f"Request {i} about {'rivers' if i % 2 else 'mountains and the sea'}" + " again" * (i % 4)
            for i in range(16)]
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
