@@ -14,7 +14,7 @@ import yaml
 from cluster.config import EngineConfig, EngineOptions
 from cluster.config_schema import check_types
 from cluster.worker.config import NO_TRANSPORT
-from router.config import MODES
+from router.config import KV_FAILURE_POLICIES, MODES
 
 TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
 MAX_DEFAULT_ROUTER_PROCESSES = 4
@@ -66,6 +66,8 @@ class ClusterConfig:
     router_processes: int | None = None  # None: default_router_processes() on the launching host
     engine: EngineOptions = field(default_factory=EngineOptions)
     queue_timeout_s: float = 10.0  # router: longest wait for admission before RESOURCE_EXHAUSTED
+    migration_limit: int = 1  # router: moves of one request off a worker lost mid-stream; 0: it fails instead
+    kv_failure_policy: str = "recompute"  # router: a failed KV handoff is prefilled again once ("fail": ends it)
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys; (): the port is open to all
     cluster_secret: str | None = field(default=None, repr=False)  # None: a fresh one per start (cluster.secret)
     tls_cert: str | None = None  # PEM files: TLS on the router's public gRPC and HTTP ports
@@ -110,6 +112,10 @@ class ClusterConfig:
             raise ValueError(f"router_processes must be >= 1, got {self.router_processes}")
         if not self.queue_timeout_s > 0:
             raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv_failure_policy must be one of {KV_FAILURE_POLICIES}, got {self.kv_failure_policy!r}")
 
     def worker_roles(self) -> list[str]:
         """The role of each worker to start, in placement-bundle order."""

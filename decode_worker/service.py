@@ -77,10 +77,10 @@ class DecodeServicer(WorkerServicerBase):
             await self._free_reservation(rid)
             raise
         kv_wait_ms = (time.perf_counter() - t0) * 1e3
-        prompt, first = list(request.token_ids), request.first_token_id
+        prompt, first, n_out = list(request.token_ids), request.first_token_id, request.num_output_tokens
 
         def add(engine):  # ValueError inside releases the reservation (see add_prefilled_request)
-            engine.add_prefilled_request(rid, prompt, first, params)
+            engine.add_prefilled_request(rid, prompt, first, params, num_output_tokens=n_out)
 
         await self.start_routed(rid, request.router_id, add)
         return wpb.DecodeReply(kv_wait_ms=kv_wait_ms)

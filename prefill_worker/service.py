@@ -50,7 +50,7 @@ class PrefillServicer(WorkerServicerBase):
                 raise WorkerError("ABORTED", f"KV handoff to {dest.worker_id} failed: {e}") from None
 
         def add(engine):
-            engine.add_request(rid, tokens, params, prefill_only=True)
+            engine.add_request(rid, tokens, params, prefill_only=True, num_output_tokens=request.num_output_tokens)
             if stream is not None and self.config.kv_stream_layers:  # layer by layer, while the prefill runs
                 engine.stream_kv(rid, stream)
 

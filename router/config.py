@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 MODES = ("disaggregated", "colocated")  # colocated: one worker prefills and decodes each request
+KV_FAILURE_POLICIES = ("recompute", "fail")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,13 @@ class RouterConfig:
     draining); a request that waits longer than `queue_timeout_s` is refused the same way.
     `max_model_len=None` reads it from the model directory (config.json `max_position_embeddings`, else
     tokenizer_config `model_max_length`).
+
+    `migration_limit`: how many times one request may move to another decode (or colocated) worker when
+    its worker becomes unreachable mid-stream; the prompt and the tokens already sent are prefilled again
+    there and the client's stream goes on (0: such requests fail UNAVAILABLE). `kv_failure_policy`: when the
+    KV handoff fails (the push failed, or the KV did not arrive in time), "recompute" runs the request's
+    prefill once more, preferring another prefill worker, into a fresh reservation; "fail" ends the request
+    with the handoff's status.
     """
 
     model_dir: str
@@ -44,6 +52,8 @@ class RouterConfig:
     health_interval_s: float = 1.0  # registry poll for the health status
     queue_timeout_s: float = 10.0  # longest wait for admission (router.admission) before RESOURCE_EXHAUSTED
     prefill_slots_per_worker: int = 8  # requests per prefill worker between decode reservation and prefill end
+    migration_limit: int = 1  # moves of one request off workers lost mid-stream (0: off)
+    kv_failure_policy: str = "recompute"  # a failed KV handoff: "recompute" (once per request) or "fail"
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys (router.auth); (): open
     cluster_secret: str = field(default="", repr=False)  # WorkerService token, registry signatures (cluster.secret)
     tls_cert: str | None = None  # PEM files: TLS on the public gRPC and HTTP ports
@@ -83,6 +93,10 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_decode_attempts < 1 or self.max_prefill_attempts < 1:
             raise ValueError("max_decode_attempts and max_prefill_attempts must be >= 1")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
+            raise ValueError(f"kv_failure_policy must be one of {KV_FAILURE_POLICIES}, got {self.kv_failure_policy!r}")
         if self.prefill_slots_per_worker < 1:
             raise ValueError(f"prefill_slots_per_worker must be >= 1, got {self.prefill_slots_per_worker}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -72,6 +72,8 @@ class RouterMetrics:
                                  LATENCY_BUCKETS).labels(m)
         self.handoff_bytes = counter("kv_handoff_bytes", "KV bytes pushed from prefill to decode workers").labels(m)
         self.handoff_failures = counter("kv_handoff_failures", "Requests aborted by a failed KV handoff").labels(m)
+        self.migrated = counter("num_requests_migrated", "Finished requests that moved to other workers after a "
+                                "worker was lost mid-stream or their KV handoff failed").labels(m)
         self.success = counter("request_success", "Finished requests by finish reason", ("finished_reason",))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests").labels(m)
         self.generation_tokens = counter("generation_tokens", "Tokens generated for finished requests").labels(m)
@@ -112,6 +114,8 @@ class RouterMetrics:
         self.success.labels(m, final.finish_reason).inc()
         self.prompt_tokens.inc(u.prompt_tokens)
         self.generation_tokens.inc(u.completion_tokens)
+        if final.num_migrations:
+            self.migrated.inc()
         role = "colocated" if final.decode_worker == final.prefill_worker else "prefill"
         self.prefix_queries.labels(m, role, final.prefill_worker).inc(u.prompt_tokens)
         self.prefix_hits.labels(m, role, final.prefill_worker).inc(u.cached_prompt_tokens)

@@ -8,17 +8,23 @@ policy's order + inflight) at the start, `release` (all of it) once the prompt w
 listing comes from the cached `WorkerView`. Every exit path frees what it took: registry counters in
 `finally` next to where they were taken (`RequestRun.held` until then), and on any failure or client
 cancel, the in-flight worker RPCs are cancelled and both workers get a Cancel.
-`Orchestrator` runs the disaggregated flow; `router.colocated.ColocatedOrchestrator` replaces only the flow
-(`_run`) and shares the rest: admission, placement (`_place`), registry bookkeeping and cleanup.
+
+A request runs as one attempt, or more when its decode worker is lost mid-stream or its KV handoff fails
+(`router.migration`): each later attempt prefills the prompt plus the tokens already sent, under an id of
+its own on the workers (`RequestRun.worker_request_id`), so nothing a failed attempt left behind can meet it.
+`Orchestrator` runs the disaggregated flow; `router.colocated.ColocatedOrchestrator` replaces only an
+attempt's flow (`_attempt`) and shares the rest: admission, attempts, placement (`_place`), registry
+bookkeeping and cleanup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,6 +40,7 @@ from router.admission import Admission
 from router.channels import WorkerChannels
 from router.config import RouterConfig
 from router.errors import RouterError, worker_error
+from router.migration import AttemptFailed, Progress, handoff_failure, stream_failure
 from router.model_info import ModelInfo
 from router.policy import PrefillPolicy
 from router.validation import ValidRequest, validate
@@ -65,10 +72,25 @@ class RequestRun:
     """What one request holds on the workers and in the registry, for cleanup."""
 
     request_id: str
-    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # every worker that may hold state
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # may hold state for the current attempt
     finished: bool = False
     held: Held | None = None  # registry counters taken and not yet released
     freeing: bool = False  # a cleanup was started while the request still ran (it frees the id)
+    attempt: int = 0
+    abandoned: list[asyncio.Future[None]] = field(default_factory=list)  # earlier attempts' Cancels, under way
+
+    @property
+    def worker_request_id(self) -> str:
+        """The id the workers know the current attempt by: the client's, then "<id>#<attempt>" (no client id has
+        a '#', so no other request's id ever equals it)."""
+        return self.request_id if self.attempt == 0 else f"{self.request_id}#{self.attempt}"
+
+    def next_attempt(self) -> tuple[str, list[WorkerInfo]]:
+        """Start a new attempt; returns the one left behind (its id on the workers, and those workers)."""
+        left = (self.worker_request_id, list(self.workers.values()))
+        self.workers = {}
+        self.attempt += 1
+        return left
 
 
 def _earliest(end: float, time_remaining: Callable[[], float | None]) -> Callable[[], float]:
@@ -128,10 +150,12 @@ class Orchestrator:
                 async for msg in self._run(v, run, t0, time_remaining):
                     yield msg
         finally:
-            if not run.finished:  # in the background: the client's status must not wait for a dead worker
-                self._spawn(self._cleanup(run))
-            elif not run.freeing:  # (else the cleanup under way frees the id)
+            if run.freeing:
+                pass  # the cleanup under way frees the id
+            elif run.finished and all(cancels.done() for cancels in run.abandoned):
                 self._free_id(v.request_id)
+            else:  # in the background: the client's status must not wait for a dead worker
+                self._spawn(self._cleanup(run))
 
     async def _claim(self, request_id: str) -> None:
         """Take the request id. An id still in use (its request ending, or its workers being told to free
@@ -172,10 +196,11 @@ class Orchestrator:
         block_size = sizes[0] if sizes else 16
         return -(-(len(v.token_ids) + v.sampling.max_tokens) // block_size)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:  # tracked, so close() waits for it
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:  # tracked, so close() waits for it
         task = asyncio.ensure_future(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        return task
 
     async def _take(self, coro: Awaitable[T], undo: Callable[[T], Awaitable[Any]]) -> T:
         """Await a registry call that takes something; if the request is cancelled while the reply is on its
@@ -196,86 +221,136 @@ class Orchestrator:
 
     async def _run(self, v: ValidRequest, run: RequestRun, t0: float,
                    time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.GenerateResponse]:
-        """The flow of one validated request: yields the client's responses, sets `run.finished` at the end."""
-        cfg, rid = self.config, v.request_id
+        """The flow of one validated request: yields the client's responses, sets `run.finished` at the end. An
+        attempt that fails in a way `router.migration` says another may mend is followed by one that goes on
+        from what the client has."""
+        rid = v.request_id
+        final = pb.Final(usage=pb.Usage(prompt_tokens=len(v.token_ids)))
+        progress = Progress()
+        while True:
+            try:
+                async for delta in self._attempt(v, run, progress, final, t0, time_remaining):
+                    progress.sent.extend(delta.token_ids)
+                    yield pb.GenerateResponse(request_id=rid, delta=delta)
+                break
+            except AttemptFailed as failure:
+                await self._next_attempt(run, progress, failure, time_remaining)
+        run.finished = True
+        final.num_migrations = run.attempt
+        final.timing.total_ms = ms_since(t0)
+        yield pb.GenerateResponse(request_id=rid, final=final)
+
+    async def _next_attempt(self, run: RequestRun, progress: Progress, failure: AttemptFailed,
+                            time_remaining: Callable[[], float | None]) -> None:
+        """Leave the failed attempt (its workers told to free it, in the background) for a new one, or raise the
+        failure's status when no other attempt may follow."""
+        role = self.config.serving_roles[-1]
+        live = [w.worker_id for w, _ in self.view.workers if w.role == role]
+        if not progress.may_continue(failure, self.config, live, time_remaining()):
+            raise failure.error
+        await self._release(run)  # normally released already, where it was taken
+        left_id, left_on = run.next_attempt()
+        log.warning("request %s: %s; continuing after %d tokens as %s (%s)", run.request_id, failure.error.reason,
+                    len(progress.sent), run.worker_request_id, failure.cause)
+        run.abandoned.append(self._spawn(self._cancel_on(left_id, left_on)))
+
+    async def _attempt(self, v: ValidRequest, run: RequestRun, progress: Progress, final: pb.Final, t0: float,
+                       time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.Delta]:
+        """One attempt: reserve, prefill (the prompt and `progress.sent`), decode; yields the new deltas and fills
+        `final`. Raises AttemptFailed for a failure another attempt may mend."""
+        cfg = self.config
         workers = await self.reg(self.view.having("prefill", "decode"))
         prefills = [w for w in workers if w[0].role == "prefill"]
-        decodes = [w for w in workers if w[0].role == "decode"]
+        decodes = [w for w in workers if w[0].role == "decode" and w[0].worker_id not in progress.lost]
         if not prefills or not decodes:
             missing = " and ".join(r for r, ws in (("prefill", prefills), ("decode", decodes)) if not ws)
             raise RouterError(Code.UNAVAILABLE, f"no {missing} workers are registered in cluster "
                                                 f"{cfg.cluster_name!r}")
         sampling = sampling_to_proto(v.sampling)
+        a = dataclasses.replace(v, request_id=run.worker_request_id, token_ids=v.token_ids + progress.sent)
+        n_out = len(progress.sent)  # output tokens the workers get as part of the prompt
         async with self.prefill_stage.admit(1, time_remaining):  # no decode blocks held while it waits here
-            dinfo, reserved = await self._reserve_when_room(v, decodes, run, time_remaining)
+            dinfo, reserved = await self._reserve_when_room(a, decodes, run, time_remaining, exclude=progress.lost)
             lease_end = time.perf_counter() + cfg.reserve_lease_ms / 1000.0
             dest = wpb.KVDestination(worker_id=dinfo.worker_id, transport=reserved.transport or dinfo.transport,
                                      transport_endpoint=reserved.transport_endpoint or dinfo.transport_endpoint,
                                      block_ids=reserved.block_ids)
             t_prefill = time.perf_counter()
-            pinfo, prefilled = await self._prefill(
-                v, prefills, wpb.PrefillRequest(request_id=rid, token_ids=v.token_ids, sampling=sampling, dest=dest),
-                run, _earliest(lease_end, time_remaining))
+            try:
+                pinfo, prefilled = await self._prefill(
+                    a, prefills, wpb.PrefillRequest(request_id=a.request_id, token_ids=a.token_ids, sampling=sampling,
+                                                    dest=dest, num_output_tokens=n_out),
+                    run, _earliest(lease_end, time_remaining), avoid=progress.avoid)
+            except RouterError as err:
+                raise handoff_failure(err, [w for w, i in run.workers.items() if i.role == "prefill"]) from None
         first = pb.Delta(token_ids=[prefilled.first_token_id], text=prefilled.text)
         if prefilled.HasField("first_logprobs"):
             first.logprobs.append(prefilled.first_logprobs)
-        ttft_ms = ms_since(t0)
-        yield pb.GenerateResponse(request_id=rid, delta=first)
         pt = prefilled.timing
-        timing = pb.Timing(queue_ms=ms_since(t0, t_prefill) + pt.queue_ms, prefill_ms=pt.prefill_ms,
-                           kv_handoff_ms=pt.kv_handoff_ms, ttft_ms=ttft_ms, placement_ms=ms_since(t0, t_prefill),
-                           kv_handoff_bytes=pt.kv_bytes)
-        usage = pb.Usage(prompt_tokens=len(v.token_ids), completion_tokens=1,
-                         cached_prompt_tokens=pt.num_cached_tokens)
-        final = pb.Final(usage=usage, timing=timing, prefill_worker=pinfo.worker_id,
-                         decode_worker=dinfo.worker_id)
+        if not n_out:  # the request's first token: the client's TTFT, and the prompt's cache figures
+            timing = final.timing
+            timing.queue_ms, timing.placement_ms = ms_since(t0, t_prefill) + pt.queue_ms, ms_since(t0, t_prefill)
+            timing.prefill_ms, timing.kv_handoff_ms, timing.ttft_ms = pt.prefill_ms, pt.kv_handoff_ms, ms_since(t0)
+            final.usage.cached_prompt_tokens = pt.num_cached_tokens
+        final.timing.kv_handoff_bytes += pt.kv_bytes
+        final.usage.completion_tokens += 1
+        final.prefill_worker, final.decode_worker = pinfo.worker_id, dinfo.worker_id
+        yield first
         if prefilled.finish_reason:  # the first token ended it: no KV was pushed, free the reservation
             final.finish_reason = prefilled.finish_reason
             final.decode_worker = ""
             run.freeing = True  # the id stays taken until the decode worker has freed it
             self._spawn(self._cleanup(run))
-        else:
-            async for delta in self._decode(v, dinfo, sampling, prefilled.first_token_id, run, final,
-                                            time_remaining):
-                yield pb.GenerateResponse(request_id=rid, delta=delta)
-        run.finished = True
-        final.timing.total_ms = ms_since(t0)
-        yield pb.GenerateResponse(request_id=rid, final=final)
+            return
+        async for delta in self._decode(a, n_out, dinfo, sampling, prefilled.first_token_id, run, final,
+                                        time_remaining):
+            yield delta
 
-    async def _decode(self, v: ValidRequest, dinfo: WorkerInfo, sampling: pb.SamplingParams, first_token: int,
-                      run: RequestRun, final: pb.Final,
+    async def _decode(self, a: ValidRequest, n_out: int, dinfo: WorkerInfo, sampling: pb.SamplingParams,
+                      first_token: int, run: RequestRun, final: pb.Final,
                       time_remaining: Callable[[], float | None]) -> AsyncIterator[pb.Delta]:
-        """Start the decode and relay its outputs as deltas; fills `final`'s finish reason, usage and timing."""
+        """Start the attempt `a`'s decode (the last `n_out` of its tokens already sent output) and relay its
+        outputs as deltas; fills `final`'s finish reason, usage and timing."""
         step = what("decode", dinfo)
-        session = await self.sessions.get(dinfo)
-        stream = session.open(v.request_id)
+        try:
+            session = await self.sessions.get(dinfo)
+        except RouterError as err:
+            raise stream_failure(err, dinfo.worker_id) from None
+        stream = session.open(a.request_id)
         try:
             try:
                 await self.channels.stub(dinfo.address).Decode(
-                    wpb.DecodeRequest(request_id=v.request_id, token_ids=v.token_ids, first_token_id=first_token,
-                                      sampling=sampling, router_id=session.router_id),
+                    wpb.DecodeRequest(request_id=a.request_id, token_ids=a.token_ids, first_token_id=first_token,
+                                      sampling=sampling, router_id=session.router_id, num_output_tokens=n_out),
                     timeout=time_remaining())
             except grpc.aio.AioRpcError as err:
-                raise worker_error(err, step) from None
+                error = worker_error(err, step)
+                prefills = [w for w, i in run.workers.items() if i.role == "prefill"]
+                raise (stream_failure(error, dinfo.worker_id) if error.code == Code.UNAVAILABLE
+                       else handoff_failure(error, prefills)) from None
             items = await stream.read(self.config.decode_first_token_timeout_s, step)
-            async for delta in relay(stream, items, final, step, self.config.decode_chunk_timeout_s, 0):
+            async for delta in relay(stream, items, final, step, self.config.decode_chunk_timeout_s,
+                                     0 if not n_out else -1):
                 yield delta
+        except RouterError as err:
+            raise stream_failure(err, dinfo.worker_id) from None
         finally:
-            session.close(v.request_id)
+            session.close(a.request_id)
 
     async def _reserve_when_room(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]],
-                                 run: RequestRun, time_remaining: Callable[[], float | None]
-                                 ) -> tuple[WorkerInfo, wpb.ReserveReply]:
+                                 run: RequestRun, time_remaining: Callable[[], float | None],
+                                 exclude: Collection[str] = ()) -> tuple[WorkerInfo, wpb.ReserveReply]:
         """`_reserve`, tried again while no decode worker has room yet, up to `queue_timeout_s`: admission
         counts blocks exactly, but the registry sees blocks freed only at the worker's next heartbeat. A
-        prompt larger than every decode worker's pool is refused at once."""
+        prompt larger than every decode worker's pool is refused at once. Workers in `exclude` are not tried."""
         n_blocks = -(-len(v.token_ids) // decodes[0][0].block_size)
         end = time.perf_counter() + self.config.queue_timeout_s
         while True:
             try:
-                return await self._reserve(v, decodes, run, time_remaining)
+                return await self._reserve(v, decodes, run, time_remaining, exclude)
             except RouterError as err:
-                live = [w for w, _ in self.view.workers if w.role == "decode"]  # the view as of now
+                live = [w for w, _ in self.view.workers  # the view as of now
+                        if w.role == "decode" and w.worker_id not in exclude]
                 if err.code == Code.RESOURCE_EXHAUSTED and not live:
                     raise RouterError(Code.UNAVAILABLE, f"no decode workers are live in cluster "
                                                         f"{self.config.cluster_name!r}") from None
@@ -286,11 +361,12 @@ class Orchestrator:
             await asyncio.sleep(_ROOM_RETRY_S)
 
     async def _reserve(self, v: ValidRequest, decodes: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
-                       time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.ReserveReply]:
+                       time_remaining: Callable[[], float | None],
+                       exclude: Collection[str] = ()) -> tuple[WorkerInfo, wpb.ReserveReply]:
         """The request's placement in one registry call (`_take_placement`: the decode worker with the most
         headroom, its blocks held, and the prefill order `_place` follows), then that worker's own Reserve;
-        the next roomiest one when it is full or down (more registry calls: the exceptional path). What was
-        taken is released here on failure, else by `_place` after the prefill."""
+        the next roomiest one when it is full or down, or in `exclude` (more registry calls: the exceptional
+        path). What was taken is released here on failure, else by `_place` after the prefill."""
         block_size = decodes[0][0].block_size
         n_blocks = -(-len(v.token_ids) // block_size)
         failures: list[str] = []
@@ -300,27 +376,29 @@ class Orchestrator:
             tried: set[str] = set()
             while held is not None and held.decode is not None:
                 wid = held.decode
-                tried.add(wid)
-                info = await self.reg(self.view.info(wid))
-                if info is not None:  # None: gone from the registry since the pick
-                    run.workers[wid] = info
-                    req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
-                                             lease_ms=self.config.reserve_lease_ms)
-                    try:
-                        reply = await self.channels.stub(info.address).Reserve(
-                            req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
-                        held.committed = True
-                        return info, reply
-                    except grpc.aio.AioRpcError as err:
-                        if err.code() not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
-                            raise worker_error(err, f"reserve on decode worker {wid} ({info.address})") from None
-                        failures.append(f"{wid}: {err.code().name} {err.details()}")
-                if len(tried) >= self.config.max_decode_attempts:
-                    break
+                if wid not in exclude:
+                    tried.add(wid)
+                    info = await self.reg(self.view.info(wid))
+                    if info is not None:  # None: gone from the registry since the pick
+                        run.workers[wid] = info
+                        req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
+                                                 lease_ms=self.config.reserve_lease_ms)
+                        try:
+                            reply = await self.channels.stub(info.address).Reserve(
+                                req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
+                            held.committed = True
+                            return info, reply
+                        except grpc.aio.AioRpcError as err:
+                            if err.code() not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
+                                raise worker_error(err, f"reserve on decode worker {wid} ({info.address})") from None
+                            failures.append(f"{wid}: {err.code().name} {err.details()}")
+                    if len(tried) >= self.config.max_decode_attempts:
+                        break
                 held.decode = None
                 await self._quietly(self.registry.release_decode(wid, n_blocks))
-                held.decode = await self._take(self.registry.reserve_decode(n_blocks, exclude=sorted(tried)),
-                                               lambda w: self.registry.release_decode(w, n_blocks))
+                held.decode = await self._take(
+                    self.registry.reserve_decode(n_blocks, exclude=sorted(tried.union(exclude))),
+                    lambda w: self.registry.release_decode(w, n_blocks))
         except BaseException:
             await self._release(run)
             raise
@@ -359,10 +437,10 @@ class Orchestrator:
                                                       committed=held.committed, inflight=held.inflight))
 
     async def _prefill(self, v: ValidRequest, prefills: list[tuple[WorkerInfo, WorkerLoad]],
-                       req: wpb.PrefillRequest, run: RequestRun,
-                       time_remaining: Callable[[], float | None]) -> tuple[WorkerInfo, wpb.PrefillReply]:
-        """Prefill on the policy's choice (see `_place`). `time_remaining` is bounded by the decode reservation's
-        lease: KV pushed later has nowhere to go."""
+                       req: wpb.PrefillRequest, run: RequestRun, time_remaining: Callable[[], float | None],
+                       avoid: Collection[str] = ()) -> tuple[WorkerInfo, wpb.PrefillReply]:
+        """Prefill on the policy's choice (see `_place`; workers in `avoid` last). `time_remaining` is bounded by
+        the decode reservation's lease: KV pushed later has nowhere to go."""
         async def prefill(info: WorkerInfo, name: str) -> wpb.PrefillReply:
             try:
                 return await self.channels.stub(info.address).Prefill(
@@ -370,25 +448,25 @@ class Orchestrator:
             except grpc.aio.AioRpcError as err:
                 raise worker_error(err, name) from None
 
-        return await self._place(v, prefills, run, "prefill", prefill)
+        return await self._place(v, prefills, run, "prefill", prefill, avoid=avoid)
 
     async def _place(self, v: ValidRequest, workers: list[tuple[WorkerInfo, WorkerLoad]], run: RequestRun,
                      step: str, attempt: Callable[[WorkerInfo, str], Awaitable[T]],
-                     keep_inflight: bool = False) -> tuple[WorkerInfo, T]:
+                     keep_inflight: bool = False, avoid: Collection[str] = ()) -> tuple[WorkerInfo, T]:
         """`attempt(worker, what)` on the policy's choice among the live `workers`, the next choice only while
         a worker is unreachable (UNAVAILABLE). The placement `_reserve` took orders them and counts the first
-        one's inflight (with nothing taken yet, as in colocated mode, one registry call here takes it); a retry
-        moves the count to the next worker. At the end one registry call releases all the request holds
-        (`_release`, the decode blocks too), unless `keep_inflight` after a success: then the caller does,
-        once the worker is done with the request."""
+        one's inflight (with nothing taken yet, as in colocated mode, one registry call here takes it); workers
+        in `avoid` go last; trying another worker moves the count there. At the end one registry call releases
+        all the request holds (`_release`, the decode blocks too), unless `keep_inflight` after a success:
+        then the caller does, once the worker is done with the request."""
         kept = False
         try:
             if run.held is None:
                 await self._take_placement(v, run, None, workers[0][0].block_size)
             held = run.held
-            order = held.order if held is not None else ()
+            order = sorted(held.order, key=lambda w: w in avoid) if held is not None else []
             for i, wid in enumerate(order):
-                if i > 0:
+                if held is not None and held.inflight != wid:
                     await self._move_inflight(held, wid)
                 info = await self.reg(self.view.info(wid))
                 if info is None:  # gone from the registry since the pick
@@ -435,15 +513,20 @@ class Orchestrator:
 
     async def _cancel_everywhere(self, run: RequestRun) -> None:
         await self._release(run)  # normally released already, where it was taken
-        req = wpb.CancelRequest(request_id=run.request_id)
+        await asyncio.gather(self._cancel_on(run.worker_request_id, list(run.workers.values())),
+                             *(asyncio.shield(cancels) for cancels in run.abandoned))
+
+    async def _cancel_on(self, worker_request_id: str, workers: list[WorkerInfo]) -> None:
+        """Tell `workers` to free everything they hold for `worker_request_id` (idempotent)."""
+        req = wpb.CancelRequest(request_id=worker_request_id)
 
         async def cancel(info: WorkerInfo) -> None:
             try:
                 await self.channels.stub(info.address).Cancel(req, timeout=self.config.cancel_timeout_s)
             except grpc.aio.AioRpcError as err:
-                log.info("Cancel(%s) on %s failed: %s", run.request_id, info.worker_id, err.code().name)
+                log.info("Cancel(%s) on %s failed: %s", worker_request_id, info.worker_id, err.code().name)
 
-        await asyncio.gather(*(cancel(w) for w in run.workers.values()))
+        await asyncio.gather(*(cancel(w) for w in workers))
 
     async def close(self) -> None:
         """At shutdown: wait for pending cleanups, at most a Cancel RPC's timeout plus 1 s, then cancel the rest."""

@@ -1,7 +1,8 @@
 """Failure paths through one real cluster (local Ray, redis-server, router, 1 prefill + 2 decode workers,
 gloo KV transport): client cancel, deadline, client death, bad input, overload, a reservation whose KV
-never comes, and a decode worker killed mid-stream. Every path ends at once with a clear status, and every
-KV block is back in its pool as the workers themselves report it (GetStats), never assumed.
+never comes, and a decode worker killed mid-stream (with migration off: tests/test_migration.py has those
+streams continue elsewhere). Every path ends at once with a clear status, and every KV block is back in its
+pool as the workers themselves report it (GetStats), never assumed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def prompt(n: int, salt: int) -> list[int]:
 @pytest.fixture(scope="module")
 def harness(ray_session, tiny_llama):
     config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=2, transport="gloo", port=0, http_port=0,
-                           cluster_name="failures", max_queue=MAX_QUEUE, reserve_lease_ms=10_000,
+                           cluster_name="failures", max_queue=MAX_QUEUE, reserve_lease_ms=10_000, migration_limit=0,
                            engine=EngineOptions(num_kv_blocks=POOL_BLOCKS, max_num_seqs=8, max_model_len=MAX_LEN))
     yield (h := ClusterHarness(config))
     h.close()

@@ -272,3 +272,37 @@ def test_a_dead_front_end_is_replaced_and_the_worker_serves_again(harness):
         wait_for(lambda: (s := stub.GetStats(wpb.StatsRequest(), timeout=5)).free_kv_blocks == s.total_kv_blocks,
                  timeout=10, what="blocks still held")
     registry.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60, func_only=True)
+def test_killed_worker_s_streams_continue_on_the_other_one(harness, ray_session, tiny_llama):
+    """Last: it kills a worker. Its requests move to the other worker, which prefills prompt + tokens sent in
+    its own engine and streams on: outputs equal the offline engine's."""
+    from pdserve import AsyncClient
+
+    from cluster.engine import LLM, SamplingParams
+
+    prompts = [f"Colocated request {i} about the sea" + " again" * (i % 3) for i in range(8)]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    expected = [(o.token_ids, o.text) for o in LLM(str(tiny_llama), num_kv_blocks=256).generate(prompts, params)]
+
+    async def run() -> tuple[str, list[object]]:
+        async with AsyncClient(harness.address, timeout=60) as client:
+            streams = [client.generate_stream(p, max_tokens=64, temperature=0.0, ignore_eos=True) for p in prompts]
+            for s in streams:
+                await s.__anext__(), await s.__anext__()
+            running = {s.worker_id: s.num_running for s in await asyncio.to_thread(harness.worker_stats)}
+            victim = max(running, key=lambda w: running[w])
+            ray_session.kill(harness.cluster.workers[next(
+                i for i, w in enumerate(harness.cluster.worker_info) if w["worker_id"] == victim)])
+            for s in streams:
+                async for _ in s:
+                    pass
+            return victim, [await s.result() for s in streams]
+
+    victim, results = asyncio.run(run())
+    assert [(r.token_ids, r.text) for r in results] == expected
+    assert all(r.decode_worker != victim and r.usage.completion_tokens == 64 for r in results)
+    assert any(r.num_migrations == 1 for r in results)
+    harness.wait_all_blocks_free(timeout_s=15)

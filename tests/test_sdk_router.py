@@ -18,6 +18,7 @@ import pytest
 from pdserve.errors import error_for
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from cluster.cluster_config import ClusterConfig
 from cluster.prefix_hash import chain_block_hashes, hash_block
 from cluster.registry import WorkerInfo
 from router.config import RouterConfig
@@ -95,6 +96,16 @@ def test_router_config_validation() -> None:
         RouterConfig(model_dir="m", redis_url="redis://x", policy="random")
     with pytest.raises(ValueError, match="max_queue"):
         RouterConfig(model_dir="m", redis_url="redis://x", max_queue=-1)
+    with pytest.raises(ValueError, match="migration_limit"):
+        RouterConfig(model_dir="m", redis_url="redis://x", migration_limit=-1)
+    with pytest.raises(ValueError, match="kv_failure_policy must be one of"):
+        RouterConfig(model_dir="m", redis_url="redis://x", kv_failure_policy="retry")
+    for bad in ({"migration_limit": -1}, {"kv_failure_policy": "retry"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ClusterConfig(**bad)
+    with pytest.raises(ValueError, match="migration_limit"):  # YAML's types are checked too (no 1.5, no "1")
+        ClusterConfig.from_dict({"migration_limit": "1"})
+    assert ClusterConfig.from_dict({"migration_limit": 0, "kv_failure_policy": "fail"}).kv_failure_policy == "fail"
 
 
 # --- router without workers ---------------------------------------------------------------------------

@@ -99,12 +99,17 @@ class LLMEngine:
         return n
 
     # ---- requests ----------------------------------------------------------------------------------
-    def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
+    def _new_sequence(self, request_id: str, token_ids: list[int], num_output_tokens: int, params: SamplingParams,
                       prefill_only: bool) -> Sequence:
+        """A sequence of `token_ids` whose last `num_output_tokens` were generated already (see `add_request`)."""
         if request_id in self._seqs or self.handoff.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         if not token_ids:
             raise ValueError("prompt must contain at least one token")
+        if not 0 <= num_output_tokens < min(len(token_ids), params.max_tokens):
+            raise ValueError(f"num_output_tokens ({num_output_tokens}) must be >= 0 and below both the token count "
+                             f"({len(token_ids)}) and max_tokens ({params.max_tokens})")
+        num_prompt = len(token_ids) - num_output_tokens
         if num_prompt + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the model's maximum length {self.max_model_len}")
@@ -118,9 +123,12 @@ class LLMEngine:
         return seq
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    *, prefill_only: bool = False) -> None:
-        """Queue a prompt. With `prefill_only`, the request ends after its first token (see module doc)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, len(prompt_token_ids), params, prefill_only)
+                    *, prefill_only: bool = False, num_output_tokens: int = 0) -> None:
+        """Queue a prompt. With `prefill_only`, the request ends after its first token (see module doc).
+        `num_output_tokens` > 0 continues a request that another worker started: the last that many of
+        `prompt_token_ids` are its output so far (already sent, with their text), counted towards max_tokens,
+        sampled positions and stop strings as if this engine had made them."""
+        seq = self._new_sequence(request_id, prompt_token_ids, num_output_tokens, params, prefill_only)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -171,17 +179,18 @@ class LLMEngine:
         return self.handoff.reservations
 
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                              params: SamplingParams, seed: int | None = None) -> None:
-        """Start decoding a request whose prompt KV already sits in its reserved blocks."""
+                              params: SamplingParams, seed: int | None = None, *, num_output_tokens: int = 0) -> None:
+        """Start decoding a request whose prompt KV already sits in its reserved blocks; `num_output_tokens` as
+        in `add_request` (those tokens' KV came with the prompt's)."""
         with self.handoff.claim(request_id, len(prompt_token_ids)) as blocks:
             if seed is not None:
                 params = SamplingParams(**{**params.__dict__, "seed": seed})
-            seq = self._new_sequence(request_id, [*prompt_token_ids, first_token_id], len(prompt_token_ids),
-                                     params, prefill_only=False)
+            seq = self._new_sequence(request_id, list(prompt_token_ids), num_output_tokens, params,
+                                     prefill_only=False)
         seq.block_table = blocks
         seq.num_computed_tokens = len(prompt_token_ids)
+        self.outputs.seed_first_token(seq, first_token_id)
         self.block_manager.commit(seq)
-        self.outputs.seed_first_token(seq)
         self.scheduler.add_running(seq)
 
     # ---- stepping ----------------------------------------------------------------------------------

@@ -20,12 +20,30 @@ class OutputProcessor:
         self.max_model_len = max_model_len
 
     def attach(self, seq: Sequence) -> None:
+        """Give `seq` its detokenizer. Output tokens it already has (a request continued here after another
+        worker failed) were sent with their text from there: the detokenizer resumes after them, and the text
+        they released counts as emitted, so stop strings and held-back text carry on across the move."""
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        if seq.num_output_tokens:
+            seq.detokenizer.push(seq.output_token_ids)
+            seq.text_emitted = self._releasable(seq, finished=False)
 
-    def seed_first_token(self, seq: Sequence) -> None:
-        """A decode-side sequence starts with the token its prefill worker sampled: count it as output."""
+    def seed_first_token(self, seq: Sequence, token: int) -> None:
+        """A decode-side sequence goes on from the token its prefill worker sampled: count it as output (its
+        text goes out with the sequence's next delta)."""
         assert seq.detokenizer is not None
-        seq.detokenizer.push(seq.output_token_ids)
+        seq.token_ids.append(token)
+        seq.detokenizer.push([token])
+
+    @staticmethod
+    def _releasable(seq: Sequence, finished: bool) -> int:
+        """How much of the detokenized text may go out: all of it once finished, else all but a tail that
+        could still become the start of a stop string."""
+        assert seq.detokenizer is not None
+        end = len(seq.detokenizer.text)
+        if not finished and seq.params.stop:
+            end = max(seq.text_emitted, end - (max(len(s) for s in seq.params.stop) - 1))
+        return end
 
     def append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> StepOutput:
         seq.token_ids.append(token)
@@ -52,11 +70,7 @@ class OutputProcessor:
         seq.finish_reason = reason
         # Text to release now: up to the stop string, or everything on finish, else hold back a possible
         # stop-string prefix.
-        end = len(detok.text)
-        if stop_at is not None:
-            end = stop_at
-        elif not finished and params.stop:
-            end = max(seq.text_emitted, end - (max(len(s) for s in params.stop) - 1))
+        end = stop_at if stop_at is not None else self._releasable(seq, finished)
         delta = detok.text[seq.text_emitted:end]
         seq.text_emitted = max(seq.text_emitted, end)
         return StepOutput(

@@ -23,7 +23,7 @@ class ColocatedServicer(WorkerServicerBase):
         tokens = list(request.token_ids)
 
         def add(engine: LLMEngine) -> None:
-            engine.add_request(rid, tokens, params)
+            engine.add_request(rid, tokens, params, num_output_tokens=request.num_output_tokens)
 
         await self.start_routed(rid, request.router_id, add)
         return wpb.WorkerGenerateReply()

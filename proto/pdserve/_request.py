@@ -75,7 +75,7 @@ class Accumulator:
             self.final = GenerateDelta(
                 request_id=self.request_id, finish_reason=f.finish_reason or "stop",
                 usage=Usage.from_proto(f.usage), timing=Timing.from_proto(f.timing),
-                prefill_worker=f.prefill_worker, decode_worker=f.decode_worker,
+                prefill_worker=f.prefill_worker, decode_worker=f.decode_worker, num_migrations=f.num_migrations,
             )
             return self.final
         d = msg.delta
@@ -98,7 +98,7 @@ class Accumulator:
             logprobs=self.logprobs or None,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.started,
             total_s=(self.finished_at or time.perf_counter()) - self.started,
-            prefill_worker=f.prefill_worker, decode_worker=f.decode_worker,
+            prefill_worker=f.prefill_worker, decode_worker=f.decode_worker, num_migrations=f.num_migrations,
         )
 
 

@@ -62,6 +62,7 @@ class GenerateDelta:
     timing: Timing | None = None
     prefill_worker: str = ""
     decode_worker: str = ""
+    num_migrations: int = 0  # times the router moved the request to other workers after a failure
 
     @property
     def is_final(self) -> bool:
@@ -82,7 +83,8 @@ class GenerateResult:
     ttft_s: float | None
     total_s: float
     prefill_worker: str = ""
-    decode_worker: str = ""
+    decode_worker: str = ""  # after a migration: the workers it finished on
+    num_migrations: int = 0  # times the router moved the request to other workers after a failure
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import generate_pb2 as pdserve_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x19pdserve/v1/generate.proto\"J\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x10\n\x08lease_ms\x18\x03 \x01(\x05\"i\n\x0cReserveReply\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x1a\n\x12transport_endpoint\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06\"d\n\rKVDestination\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x1a\n\x12transport_endpoint\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\"\x8e\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\'\n\x04\x64\x65st\x18\x04 \x01(\x0b\x32\x19.pdserve.v1.KVDestination\"y\n\rPrefillTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x15\n\rkv_handoff_ms\x18\x03 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x03\"\xd4\x01\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x36\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobsH\x00\x88\x01\x01\x12)\n\x06timing\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.PrefillTiming\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\tB\x11\n\x0f_first_logprobs\"\x8f\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\trouter_id\x18\x05 \x01(\t\"!\n\x0b\x44\x65\x63odeReply\x12\x12\n\nkv_wait_ms\x18\x01 \x01(\x01\"\x7f\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\trouter_id\x18\x04 \x01(\t\"\x15\n\x13WorkerGenerateReply\"\"\n\rAttachRequest\x12\x11\n\trouter_id\x18\x01 \x01(\t\"\xb2\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"I\n\nEngineStep\x12\x0f\n\x07step_ms\x18\x01 \x01(\x01\x12*\n\x07outputs\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.RequestOutput\"4\n\x0bOutputBatch\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.EngineStep\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xdb\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x05 \x01(\x05\x12\x17\n\x0ftotal_kv_blocks\x18\x06 \x01(\x05\x12\x1a\n\x12reserved_kv_blocks\x18\x07 \x01(\x05\x12 \n\x18num_prefix_cached_blocks\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x32\xdc\x03\n\rWorkerService\x12?\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x18.pdserve.v1.ReserveReply\x12?\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillReply\x12<\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeReply\x12N\n\x08Generate\x12!.pdserve.v1.WorkerGenerateRequest\x1a\x1f.pdserve.v1.WorkerGenerateReply\x12>\n\x06\x41ttach\x12\x19.pdserve.v1.AttachRequest\x1a\x17.pdserve.v1.OutputBatch0\x01\x12<\n\x06\x43\x61ncel\x12\x19.pdserve.v1.CancelRequest\x1a\x17.pdserve.v1.CancelReply\x12=\n\x08GetStats\x12\x18.pdserve.v1.StatsRequest\x1a\x17.pdserve.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x19pdserve/v1/generate.proto\"J\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x10\n\x08lease_ms\x18\x03 \x01(\x05\"i\n\x0cReserveReply\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x1a\n\x12transport_endpoint\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06\"d\n\rKVDestination\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x1a\n\x12transport_endpoint\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\"\xa9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\'\n\x04\x64\x65st\x18\x04 \x01(\x0b\x32\x19.pdserve.v1.KVDestination\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x05\"y\n\rPrefillTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x15\n\rkv_handoff_ms\x18\x03 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x03\"\xd4\x01\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x36\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x19.pdserve.v1.TokenLogprobsH\x00\x88\x01\x01\x12)\n\x06timing\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.PrefillTiming\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\tB\x11\n\x0f_first_logprobs\"\xaa\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\trouter_id\x18\x05 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x06 \x01(\x05\"!\n\x0b\x44\x65\x63odeReply\x12\x12\n\nkv_wait_ms\x18\x01 \x01(\x01\"\x9a\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\trouter_id\x18\x04 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x05\"\x15\n\x13WorkerGenerateReply\"\"\n\rAttachRequest\x12\x11\n\trouter_id\x18\x01 \x01(\t\"\xb2\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"I\n\nEngineStep\x12\x0f\n\x07step_ms\x18\x01 \x01(\x01\x12*\n\x07outputs\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.RequestOutput\"4\n\x0bOutputBatch\x12%\n\x05steps\x18\x01 \x03(\x0b\x32\x16.pdserve.v1.EngineStep\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xdb\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x05 \x01(\x05\x12\x17\n\x0ftotal_kv_blocks\x18\x06 \x01(\x05\x12\x1a\n\x12reserved_kv_blocks\x18\x07 \x01(\x05\x12 \n\x18num_prefix_cached_blocks\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x32\xdc\x03\n\rWorkerService\x12?\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x18.pdserve.v1.ReserveReply\x12?\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillReply\x12<\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeReply\x12N\n\x08Generate\x12!.pdserve.v1.WorkerGenerateRequest\x1a\x1f.pdserve.v1.WorkerGenerateReply\x12>\n\x06\x41ttach\x12\x19.pdserve.v1.AttachRequest\x1a\x17.pdserve.v1.OutputBatch0\x01\x12<\n\x06\x43\x61ncel\x12\x19.pdserve.v1.CancelRequest\x1a\x17.pdserve.v1.CancelReply\x12=\n\x08GetStats\x12\x18.pdserve.v1.StatsRequest\x1a\x17.pdserve.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,35 +39,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVDESTINATION']._serialized_start=249
   _globals['_KVDESTINATION']._serialized_end=349
   _globals['_PREFILLREQUEST']._serialized_start=352
-  _globals['_PREFILLREQUEST']._serialized_end=494
-  _globals['_PREFILLTIMING']._serialized_start=496
-  _globals['_PREFILLTIMING']._serialized_end=617
-  _globals['_PREFILLREPLY']._serialized_start=620
-  _globals['_PREFILLREPLY']._serialized_end=832
-  _globals['_DECODEREQUEST']._serialized_start=835
-  _globals['_DECODEREQUEST']._serialized_end=978
-  _globals['_DECODEREPLY']._serialized_start=980
-  _globals['_DECODEREPLY']._serialized_end=1013
-  _globals['_WORKERGENERATEREQUEST']._serialized_start=1015
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=1142
-  _globals['_WORKERGENERATEREPLY']._serialized_start=1144
-  _globals['_WORKERGENERATEREPLY']._serialized_end=1165
-  _globals['_ATTACHREQUEST']._serialized_start=1167
-  _globals['_ATTACHREQUEST']._serialized_end=1201
-  _globals['_REQUESTOUTPUT']._serialized_start=1204
-  _globals['_REQUESTOUTPUT']._serialized_end=1382
-  _globals['_ENGINESTEP']._serialized_start=1384
-  _globals['_ENGINESTEP']._serialized_end=1457
-  _globals['_OUTPUTBATCH']._serialized_start=1459
-  _globals['_OUTPUTBATCH']._serialized_end=1511
-  _globals['_CANCELREQUEST']._serialized_start=1513
-  _globals['_CANCELREQUEST']._serialized_end=1548
-  _globals['_CANCELREPLY']._serialized_start=1550
-  _globals['_CANCELREPLY']._serialized_end=1578
-  _globals['_STATSREQUEST']._serialized_start=1580
-  _globals['_STATSREQUEST']._serialized_end=1594
-  _globals['_WORKERSTATS']._serialized_start=1597
-  _globals['_WORKERSTATS']._serialized_end=1816
-  _globals['_WORKERSERVICE']._serialized_start=1819
-  _globals['_WORKERSERVICE']._serialized_end=2295
+  _globals['_PREFILLREQUEST']._serialized_end=521
+  _globals['_PREFILLTIMING']._serialized_start=523
+  _globals['_PREFILLTIMING']._serialized_end=644
+  _globals['_PREFILLREPLY']._serialized_start=647
+  _globals['_PREFILLREPLY']._serialized_end=859
+  _globals['_DECODEREQUEST']._serialized_start=862
+  _globals['_DECODEREQUEST']._serialized_end=1032
+  _globals['_DECODEREPLY']._serialized_start=1034
+  _globals['_DECODEREPLY']._serialized_end=1067
+  _globals['_WORKERGENERATEREQUEST']._serialized_start=1070
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=1224
+  _globals['_WORKERGENERATEREPLY']._serialized_start=1226
+  _globals['_WORKERGENERATEREPLY']._serialized_end=1247
+  _globals['_ATTACHREQUEST']._serialized_start=1249
+  _globals['_ATTACHREQUEST']._serialized_end=1283
+  _globals['_REQUESTOUTPUT']._serialized_start=1286
+  _globals['_REQUESTOUTPUT']._serialized_end=1464
+  _globals['_ENGINESTEP']._serialized_start=1466
+  _globals['_ENGINESTEP']._serialized_end=1539
+  _globals['_OUTPUTBATCH']._serialized_start=1541
+  _globals['_OUTPUTBATCH']._serialized_end=1593
+  _globals['_CANCELREQUEST']._serialized_start=1595
+  _globals['_CANCELREQUEST']._serialized_end=1630
+  _globals['_CANCELREPLY']._serialized_start=1632
+  _globals['_CANCELREPLY']._serialized_end=1660
+  _globals['_STATSREQUEST']._serialized_start=1662
+  _globals['_STATSREQUEST']._serialized_end=1676
+  _globals['_WORKERSTATS']._serialized_start=1679
+  _globals['_WORKERSTATS']._serialized_end=1898
+  _globals['_WORKERSERVICE']._serialized_start=1901
+  _globals['_WORKERSERVICE']._serialized_end=2377
 # @@protoc_insertion_point(module_scope)
