@@ -13,10 +13,15 @@ import yaml
 
 from cluster.config import EngineConfig, EngineOptions
 from cluster.config_schema import check_types
-from cluster.worker.config import NO_TRANSPORT
-from router.config import KV_FAILURE_POLICIES, MODES
+from cluster.worker.config import NO_TRANSPORT, WorkerConfig
+from router.config import RouterConfig
 
 TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
+# The keys that are the router's own settings: their defaults and checks are RouterConfig's (one source), and
+# `router_config` hands them on as they are.
+ROUTER_KEYS = ("host", "cluster_name", "mode", "policy", "max_queue", "reserve_lease_ms", "queue_timeout_s",
+               "migration_limit", "kv_failure_policy", "api_keys", "tls_cert", "tls_key", "tls_client_ca")
+_R = RouterConfig  # the defaults below that read `_R.x` are the router's
 MAX_DEFAULT_ROUTER_PROCESSES = 4
 
 
@@ -46,28 +51,28 @@ class ClusterConfig:
 
     model: str | None = None
     device: str = "cpu"
-    mode: str = "disaggregated"
+    mode: str = _R.mode
     prefill: int = 1
     decode: int = 1
     colocated: int | None = None  # colocated mode only; None: prefill + decode
     transport: str = "auto"
-    host: str = "127.0.0.1"
+    host: str = _R.host
     port: int = 50051  # router port; 0 picks a free one
     http_port: int | None = 8000  # the router's OpenAI-compatible HTTP API and /metrics; 0 picks one, null: off
     redis_url: str | None = field(default=None, repr=False)  # None: a private redis-server; may carry a password
-    cluster_name: str = "default"
-    policy: str = "least_loaded"
-    max_queue: int = 1024
-    reserve_lease_ms: int = 30_000
-    kv_stream_layers: bool = True  # prefill workers stream KV layer by layer during the forward
+    cluster_name: str = _R.cluster_name
+    policy: str = _R.policy
+    max_queue: int = _R.max_queue
+    reserve_lease_ms: int = _R.reserve_lease_ms
+    kv_stream_layers: bool = WorkerConfig.kv_stream_layers  # prefill workers stream KV layer by layer
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # in (0, 1]: below 1, workers share GPUs (and their memory) by that fraction
     router_processes: int | None = None  # None: default_router_processes() on the launching host
     engine: EngineOptions = field(default_factory=EngineOptions)
-    queue_timeout_s: float = 10.0  # router: longest wait for admission before RESOURCE_EXHAUSTED
-    migration_limit: int = 1  # router: moves of one request off a worker lost mid-stream; 0: it fails instead
-    kv_failure_policy: str = "recompute"  # router: a failed KV handoff is prefilled again once ("fail": ends it)
+    queue_timeout_s: float = _R.queue_timeout_s  # longest wait for admission before RESOURCE_EXHAUSTED
+    migration_limit: int = _R.migration_limit  # moves of one request off a worker lost mid-stream; 0: it fails
+    kv_failure_policy: str = _R.kv_failure_policy  # a failed KV handoff is prefilled again once ("fail": ends it)
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys; (): the port is open to all
     cluster_secret: str | None = field(default=None, repr=False)  # None: a fresh one per start (cluster.secret)
     tls_cert: str | None = None  # PEM files: TLS on the router's public gRPC and HTTP ports
@@ -75,10 +80,11 @@ class ClusterConfig:
     tls_client_ca: str | None = None  # mutual TLS: clients need a certificate this CA signed
 
     def __post_init__(self) -> None:
+        if isinstance(self.api_keys, str) or not all(isinstance(k, str) and k for k in self.api_keys):
+            raise ValueError("api_keys must be a list of non-empty strings")
+        self.router_config(model_dir="-", redis_url="redis://-", secret="")  # the router's own checks
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.prefill < 1 or self.decode < 1:
             raise ValueError("need at least one prefill and one decode worker")
         if self.colocated is not None:
@@ -91,10 +97,6 @@ class ClusterConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.transport in ("nccl", "cuda_ipc") and self.device != "cuda":
             raise ValueError(f"transport {self.transport!r} needs device 'cuda'")
-        if not (0 <= self.port <= 65535):
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.http_port is not None and not (0 <= self.http_port <= 65535):
-            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be positive")
         if not (0.0 < self.gpus_per_worker <= 1.0):
@@ -102,20 +104,8 @@ class ClusterConfig:
         if self.gpus_per_worker < 1.0 and self.transport == "nccl" and self.mode == "disaggregated":
             raise ValueError(f"transport 'nccl' cannot join two workers on one GPU (gpus_per_worker="
                              f"{self.gpus_per_worker}); use cuda_ipc, grpc or auto")
-        if isinstance(self.api_keys, str) or not all(isinstance(k, str) and k for k in self.api_keys):
-            raise ValueError("api_keys must be a list of non-empty strings")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.router_processes is not None and self.router_processes < 1:
             raise ValueError(f"router_processes must be >= 1, got {self.router_processes}")
-        if not self.queue_timeout_s > 0:
-            raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
-        if self.migration_limit < 0:
-            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
-        if self.kv_failure_policy not in KV_FAILURE_POLICIES:
-            raise ValueError(f"kv_failure_policy must be one of {KV_FAILURE_POLICIES}, got {self.kv_failure_policy!r}")
 
     def worker_roles(self) -> list[str]:
         """The role of each worker to start, in placement-bundle order."""
@@ -131,6 +121,19 @@ class ClusterConfig:
     def num_router_processes(self) -> int:
         """`router_processes`, or the default for the host this runs on."""
         return self.router_processes or default_router_processes()
+
+    def router_config(self, model_dir: str, redis_url: str, secret: str, reuse_port: bool = False) -> RouterConfig:
+        """The router's config: its keys from this file, the cluster's model, Redis and secret."""
+        return RouterConfig(model_dir=model_dir, redis_url=redis_url, port=self.port, http_port=self.http_port,
+                            reuse_port=reuse_port, max_model_len=self.engine.max_model_len, cluster_secret=secret,
+                            **{**{k: getattr(self, k) for k in ROUTER_KEYS}, "api_keys": tuple(self.api_keys)})
+
+    def worker_config(self, role: str, index: int, model_dir: str, redis_url: str, transport: str, host: str,
+                      secret: str) -> WorkerConfig:
+        """Worker `index`'s config (its engine seeded by its index; `transport` resolved, `host` its node's)."""
+        return WorkerConfig(role=role, engine=self.engine_config(model_dir, seed=index), redis_url=redis_url,
+                            cluster_name=self.cluster_name, worker_id=f"{role}-{index}", transport=transport,
+                            host=host, kv_stream_layers=self.kv_stream_layers, cluster_secret=secret)
 
     def engine_config(self, model_dir: str, seed: int) -> EngineConfig:
         """A worker's engine: the `engine:` options on this cluster's device, with its share of the GPU."""

@@ -27,7 +27,6 @@ from cluster.secret import ENV as SECRET_ENV
 from cluster.secret import new_secret
 from cluster.supervisor import RedisSupervisor, WorkerSupervisor
 from cluster.worker.config import WorkerConfig
-from router.config import RouterConfig
 from router.process import RouterProcess
 from router.server import RouterServer, serve
 
@@ -121,16 +120,7 @@ class Cluster:
         except TimeoutError:
             raise RuntimeError(f"Ray could not place {len(bundles)} workers ({config.gpus_per_worker:g} GPU + "
                                f"{config.cpus_per_worker:g} CPU each): {ray.available_resources()}") from None
-        router_cfg = RouterConfig(model_dir=model_dir, redis_url=redis_url, host=config.host, port=config.port,
-                                  reuse_port=n_routers > 1, http_port=config.http_port,
-                                  cluster_name=config.cluster_name, mode=config.mode,
-                                  policy=config.policy, max_queue=config.max_queue,
-                                  reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
-                                  queue_timeout_s=config.queue_timeout_s, migration_limit=config.migration_limit,
-                                  kv_failure_policy=config.kv_failure_policy,
-                                  api_keys=tuple(config.api_keys), cluster_secret=secret, tls_cert=config.tls_cert,
-                                  tls_key=config.tls_key, tls_client_ca=config.tls_client_ca)
-        router = await serve(router_cfg)
+        router = await serve(config.router_config(model_dir, redis_url, secret, reuse_port=n_routers > 1))
         cluster = cls(config, model_dir, redis_url, router, placement_group=pg, redis=redis, started_ray=started_ray,
                       supervisor=RedisSupervisor(redis).start() if redis is not None else None, secret=secret)
         try:
@@ -161,10 +151,8 @@ class Cluster:
                 f"transport {self.transport}")
 
     def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
-        c = self.config
-        return WorkerConfig(role=role, engine=c.engine_config(self.model_dir, seed=index), redis_url=self.redis_url,
-                            cluster_name=c.cluster_name, worker_id=f"{role}-{index}", transport=self.transport,
-                            host=host, kv_stream_layers=c.kv_stream_layers, cluster_secret=self.secret)
+        return self.config.worker_config(role, index, self.model_dir, self.redis_url, self.transport, host,
+                                         self.secret)
 
     def _worker_hosts(self, n: int) -> list[str]:
         """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in

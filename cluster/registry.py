@@ -59,8 +59,8 @@ import redis.asyncio
 
 from cluster.registry_lua import SCRIPTS
 from cluster.secret import same, sign_fields
-
-ROLES = ("prefill", "decode", "colocated")
+from cluster.worker.config import ROLES
+from router.config import POLICIES as RULES
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,6 @@ def _signed(secret: str, flat: Sequence[Any]) -> bool:
     return all(k in h for k in _INFO) and same(h.get(SIG_FIELD, ""), sign_fields(secret, {k: h[k] for k in _INFO}))
 
 
-RULES = ("least_loaded", "round_robin", "prefix_aware")  # how `place` orders the prompt workers
 SIG_FIELD = "sig"  # HMAC of a worker's static info under the cluster secret, written at register
 MAX_CONNECTIONS = 50  # redis-py's BlockingConnectionPool defaults: pool size, and the wait for a connection
 POOL_TIMEOUT_S = 20.0

@@ -27,7 +27,8 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def add_up_args(parser: argparse.ArgumentParser) -> None:
     """`pdserve up`'s flags. Each defaults to None ("what --config says, else ClusterConfig's default"), so the
     help text names ClusterConfig's defaults itself."""
-    from cluster.cluster_config import MODES, TRANSPORTS, ClusterConfig
+    from cluster.cluster_config import TRANSPORTS, ClusterConfig
+    from router.config import MODES, POLICIES
 
     d = ClusterConfig()
     parser.add_argument("--config", help="cluster YAML (see deploy/examples/); flags below override it")
@@ -47,7 +48,7 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API and /metrics, 0 picks a free one "
                         f"(default: {d.http_port})")
     parser.add_argument("--redis-url", help="existing Redis (default: start a private redis-server)")
-    parser.add_argument("--policy", choices=("round_robin", "least_loaded", "prefix_aware"),
+    parser.add_argument("--policy", choices=POLICIES,
                         help=f"prompt placement (default: {d.policy})")
     parser.add_argument("--router-processes", type=int, help="router processes serving the port (SO_REUSEPORT; "
                         "default: a quarter of this host's cores, 1 to 4)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+POLICIES = ("round_robin", "least_loaded", "prefix_aware")  # prompt placement; the registry's `place` runs them
+
 MODES = ("disaggregated", "colocated")  # colocated: one worker prefills and decodes each request
 KV_FAILURE_POLICIES = ("recompute", "fail")
 
@@ -39,7 +40,7 @@ class RouterConfig:
     policy: str = "least_loaded"
     max_queue: int = 1024
     max_model_len: int | None = None
-    reserve_lease_ms: int = 60_000  # how long a decode reservation waits for the KV and the Decode call
+    reserve_lease_ms: int = 30_000  # how long a decode reservation waits for the KV and the Decode call
     reserve_timeout_s: float = 5.0  # decode worker's Reserve RPC
     prefill_timeout_s: float = 60.0  # Prefill RPC (queue + prefill + KV push; lease-capped); colocated: 1st token
     decode_first_token_timeout_s: float = 60.0  # Decode call -> its first chunk
