@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from cluster import env
+
 # The chat template of models made with the built-in tokenizer (`pdserve make-model`, the built-in model):
 # "role: content" lines after BOS, then "assistant:" for the reply.
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
@@ -14,7 +16,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role']
 
 def default_model_dir() -> Path:
     """Where the built-in model lives (`PDSERVE_HOME`, default ~/.cache/pdserve)."""
-    home = Path(os.environ.get("PDSERVE_HOME", Path.home() / ".cache" / "pdserve"))
+    home = Path(os.environ.get(env.HOME, Path.home() / ".cache" / "pdserve"))
     return home / "models" / "tiny-llama"
 
 

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENV = "PDSERVE_KV_TRACE"
+from cluster import env
+
+ENV = env.KV_TRACE
 SENDER_FILE, RECEIVER_FILE = "kv-trace", "kv-receive"
 
 

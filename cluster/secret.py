@@ -22,7 +22,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-ENV = "PDSERVE_CLUSTER_SECRET"
+from cluster import env
+
+ENV = env.CLUSTER_SECRET
 METADATA_KEY = "x-pdserve-cluster-token"
 
 

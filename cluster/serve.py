@@ -16,12 +16,12 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING
 
-from cluster import stop_signals
+from cluster import env, stop_signals
 
 if TYPE_CHECKING:  # imported where used: `python -m cluster.serve` in a Python without the dependencies says
     from cluster.cluster_config import ClusterConfig  # so in one line (cluster.cli), not in a traceback
 
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_ENV = env.PROMETHEUS_MULTIPROC_DIR
 
 
 def add_up_args(parser: argparse.ArgumentParser) -> None:

@@ -41,3 +41,12 @@ def test_sdk_imports_beside_a_checkout_named_pdserve(tmp_path: Path) -> None:
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "pdserve.client"
+
+
+def test_the_sdk_reads_the_api_key_variable_the_env_list_names() -> None:
+    """The SDK cannot import `cluster` (it installs alone), so it names PDSERVE_API_KEY itself."""
+    from pdserve._request import API_KEY_ENV
+
+    from cluster import env
+
+    assert env.API_KEY == API_KEY_ENV

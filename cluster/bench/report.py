@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cluster import env
+
 T = TypeVar("T")
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +25,7 @@ _REPO = Path(__file__).resolve().parents[2]
 def git_commit() -> dict[str, Any] | None:
     """HEAD commit of the pdserve checkout and whether the tree has local changes; None outside git.
     `PDSERVE_COMMIT` names the commit of a tree copied without its history (a GPU host's copy), and wins."""
-    if named := os.environ.get("PDSERVE_COMMIT"):
+    if named := os.environ.get(env.COMMIT):
         return {"commit": named, "dirty": None, "from": "PDSERVE_COMMIT"}
 
     def git(*cmd: str) -> str:
