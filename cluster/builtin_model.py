@@ -7,11 +7,7 @@ import os
 from pathlib import Path
 
 from cluster import env
-
-# The chat template of models made with the built-in tokenizer (`pdserve make-model`, the built-in model):
-# "role: content" lines after BOS, then "assistant:" for the reply.
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+from cluster.tokenizer import CHAT_TEMPLATE
 
 
 def default_model_dir() -> Path:

@@ -13,6 +13,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+# The chat template of models made with the built-in tokenizer (`pdserve make-model`, the built-in model):
+# "role: content" lines after BOS, then "assistant:" for the reply.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
 
 class TextTokenizer:
     """Encode prompts and decode token ids for one model directory."""

@@ -197,7 +197,7 @@ def test_metrics_count_requests(cluster: Cluster) -> None:
 
 def test_chat_template_renders_as_transformers_does() -> None:
     transformers = pytest.importorskip("transformers")
-    from cluster.builtin_model import CHAT_TEMPLATE
+    from cluster.tokenizer import CHAT_TEMPLATE
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again"}]

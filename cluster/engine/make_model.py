@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from cluster.builtin_model import CHAT_TEMPLATE
 from cluster.engine.builtin_tokenizer import BOS, EOS, TOKENIZER_VOCAB, build_tokenizer  # noqa: F401 (re-export)
+from cluster.tokenizer import CHAT_TEMPLATE
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
