@@ -9,6 +9,7 @@ import time
 
 from pdserve.v1 import worker_pb2 as wpb
 
+from cluster.registry import AsyncRegistry
 from cluster.wire import sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
@@ -21,7 +22,8 @@ class DecodeServicer(WorkerServicerBase):
         self._leases: dict[str, tuple[asyncio.TimerHandle, float]] = {}  # request id -> (expiry timer, deadline)
 
     @classmethod
-    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> DecodeServicer:
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop,
+                     registry: AsyncRegistry) -> DecodeServicer:
         servicer = cls(config, worker_id, loop)
         servicer.open_transport()
         servicer.endpoint = await asyncio.to_thread(servicer.transport.listen)

@@ -3,7 +3,11 @@ before work, listeners on the configured host); mutual TLS on a router alone."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import datetime
+import select
+import socket
 import time
 from pathlib import Path
 
@@ -162,6 +166,48 @@ def test_every_worker_method_refuses_a_caller_without_the_secret(harness):  # ty
         with pytest.raises(grpc.RpcError) as err:
             call(wpb.PrefillRequest(request_id="no-dest", token_ids=[5] * 1000), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.perf_counter() - t0 < 0.5
+
+
+def test_prefill_pushes_kv_only_to_registered_decode_workers(harness):  # type: ignore[no-untyped-def]
+    """Even with the secret, a Prefill whose destination is not a registered decode worker's KV endpoint is
+    refused at once, before its forward and without connecting there; one registered since is served."""
+    registry = Registry(harness.cluster.redis_url, "security", secret=harness.cluster.secret)
+    (decode,) = [w for w, _ in registry.list_workers("decode")]
+    prefill = next(w for w in harness.cluster.worker_info if w["role"] == "prefill")
+    trap = socket.create_server(("127.0.0.1", 0))
+    trap.settimeout(10)
+    endpoint = f"127.0.0.1:{trap.getsockname()[1]}"
+    joined = dataclasses.replace(decode, worker_id="decode-joined", address="127.0.0.1:1", transport_endpoint=endpoint)
+
+    def prefill_to(worker_id: str) -> tuple[grpc.RpcError, float]:
+        dest = wpb.KVDestination(worker_id=worker_id, transport="gloo", transport_endpoint=endpoint,
+                                 block_ids=list(range(63)))
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            call(wpb.PrefillRequest(request_id=f"to-{worker_id}", token_ids=[5] * 1000, dest=dest), timeout=30)
+        return err.value, time.perf_counter() - t0
+
+    try:
+        with harness.worker_channel(prefill["address"]) as ch:
+            call = ch.unary_unary("/pdserve.v1.WorkerService/Prefill",
+                                  request_serializer=wpb.PrefillRequest.SerializeToString)
+            for worker_id in ("decode-nowhere", decode.worker_id):  # unknown id; a real one, not its endpoint
+                err, seconds = prefill_to(worker_id)
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+                assert worker_id in (err.details() or "") and seconds < 0.5
+            readable, _, _ = select.select([trap], [], [], 0.5)
+            assert not readable  # nobody connected to the trap
+            registry.register(joined, ttl_s=60)  # the prefill worker's cached listing does not have it yet
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(prefill_to, joined.worker_id)
+                conn, _ = trap.accept()  # now it connects
+                conn.close()  # no hello: the handoff fails
+                assert pending.result(timeout=30)[0].code() == grpc.StatusCode.ABORTED
+    finally:
+        registry.deregister(joined.worker_id)
+        registry.close()
+        trap.close()
+    harness.wait_all_blocks_free()
 
 
 def test_kv_control_channel_refuses_a_peer_without_the_secret(harness):  # type: ignore[no-untyped-def]
