@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
+import json
 import select
 import socket
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -269,6 +274,98 @@ def test_limits_before_work(harness, certs):  # type: ignore[no-untyped-def]
                 list(call(junk, timeout=5, metadata=(("authorization", f"Bearer {KEY}"),)))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
             assert time.perf_counter() - t0 < 0.05
+
+
+# Sends the bad requests of test_limits_before_work, one at a time with PAUSE_S between them, from a process of its
+# own (building and encrypting 3.9 M ids must not take the router's GIL), each serialized once. Its stdin says
+# when: after "go" it sends (printing "sending" once a round is done) until "stop", then prints the calls of
+# that spell as one JSON list of [case, seconds, status]; it ends at EOF.
+_BAD_CLIENT = r"""
+import json, sys, threading, time
+import grpc
+from pdserve.v1 import generate_pb2 as pb
+
+target, ca, key, pause_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+cases = {"2 MB text": pb.GenerateRequest(text="a" * (2 << 20)).SerializeToString(),
+         "3.9 M ids": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 3_900_000)).SerializeToString(),
+         "undecodable": b"\xff\xff\xff",
+         "truncated": pb.GenerateRequest(text="hello").SerializeToString()[:-2]}
+stop = threading.Event()
+with grpc.secure_channel(target, grpc.ssl_channel_credentials(open(ca, "rb").read())) as ch:
+    generate = ch.unary_stream("/pdserve.v1.GenerateService/Generate")
+    for line in sys.stdin:
+        if line.strip() != "go":
+            continue
+        stop.clear()
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+        calls = []
+        while not stop.is_set():
+            for name, data in cases.items():
+                t0 = time.perf_counter()
+                try:
+                    list(generate(data, timeout=5, metadata=(("authorization", "Bearer " + key),)))
+                    status = "OK"
+                except grpc.RpcError as err:
+                    status = err.code().name
+                calls.append([name, time.perf_counter() - t0, status])
+                time.sleep(pause_s)
+            if len(calls) == len(cases):
+                print("sending", flush=True)
+        print(json.dumps(calls), flush=True)
+"""
+
+
+def _token_gaps(c: pdserve.Client, streams: int, max_tokens: int) -> list[list[float]]:
+    """Run `streams` greedy streams at once; for each, the gaps (s) between its deltas after the first."""
+    def one(i: int) -> list[float]:
+        arrivals = [time.perf_counter() for d in c.generate_stream(f"The river runs {i}", max_tokens=max_tokens,
+                                                                   temperature=0.0, ignore_eos=True) if d.token_ids]
+        return [b - a for a, b in itertools.pairwise(arrivals[1:])]  # from the second delta: TTFT apart
+
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        return list(pool.map(one, range(streams)))
+
+
+def _typical_p90(gaps: list[list[float]]) -> float:
+    """The median over streams of each stream's 90th-percentile gap: one slow stream or gap does not decide."""
+    return statistics.median(statistics.quantiles(g, n=10)[-1] for g in gaps)
+
+
+def test_refusals_leave_other_streams_alone(harness, certs):  # type: ignore[no-untyped-def]
+    """While a client sends the 2 MB prompt, the 3.9 M ids and undecodable bytes again and again (every 10 ms),
+    each is refused with INVALID_ARGUMENT (90% of each case within 50 ms, none past 0.5 s, on a shared 2-core
+    machine), and other streams' inter-token gaps stay within 2x of unloaded: rounds of unloaded then loaded
+    streams, the median round's ratio decides (the machine's other load drifts between rounds, less within one)."""
+    streams, max_tokens, rounds = 6, 64, 5
+    ratios, calls = [], []
+    bad = subprocess.Popen([sys.executable, "-c", _BAD_CLIENT, f"localhost:{harness.cluster.router.port}",
+                            str(certs["ca.crt"]), KEY, "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    assert bad.stdin is not None and bad.stdout is not None
+    try:
+        with _client(harness, certs, KEY) as c:
+            _token_gaps(c, streams, 8)  # warm
+            for _ in range(rounds):
+                unloaded = _typical_p90(_token_gaps(c, streams, max_tokens))
+                bad.stdin.write("go\n")
+                bad.stdin.flush()
+                assert bad.stdout.readline().strip() == "sending"
+                loaded = _typical_p90(_token_gaps(c, streams, max_tokens))
+                bad.stdin.write("stop\n")
+                bad.stdin.flush()
+                calls += json.loads(bad.stdout.readline())
+                ratios.append(loaded / unloaded)
+    finally:
+        try:
+            bad.communicate("", timeout=60)
+        finally:
+            bad.kill()
+    assert len(calls) >= 8 * rounds and {status for _, _, status in calls} == {"INVALID_ARGUMENT"}, calls
+    seconds = {name: [t for n, t, _ in calls if n == name] for name, _, _ in calls}
+    ms = {name: (round(statistics.quantiles(t, n=10)[-1] * 1e3, 1), round(max(t) * 1e3, 1))
+          for name, t in seconds.items()}
+    assert all(p90 < 50 and slowest < 500 for p90, slowest in ms.values()), f"refusals, p90 and max ms: {ms}"
+    assert statistics.median(ratios) < 2, f"typical p90 inter-token gap loaded / unloaded, per round: {ratios}"
 
 
 def test_every_listener_is_on_the_configured_host(harness):  # type: ignore[no-untyped-def]
