@@ -29,6 +29,7 @@ from cluster.config import EngineOptions
 from cluster.registry import Registry, WorkerInfo
 from cluster.transport._sock_ctl import CtlConn, CtlListener
 from cluster.transport.base import TransportError
+from cluster.worker.config import WorkerConfig
 from tests.cluster_harness import ClusterHarness
 from tests.tls_certs import make_certs
 
@@ -172,6 +173,10 @@ def test_prefill_pushes_kv_only_to_registered_decode_workers(harness):  # type: 
                 conn, _ = trap.accept()  # now it connects
                 conn.close()  # no hello: the handoff fails
                 assert pending.result(timeout=30)[0].code() == grpc.StatusCode.ABORTED
+            registry.deregister(joined.worker_id)  # gone: refused again once the cached listing has aged
+            time.sleep(max(3 * WorkerConfig.heartbeat_s, 1.0) + 0.2)  # WorkerConfig.registration_ttl_s
+            assert prefill_to(joined.worker_id)[0].code() == grpc.StatusCode.PERMISSION_DENIED
+            assert not select.select([trap], [], [], 0.2)[0]
     finally:
         registry.deregister(joined.worker_id)
         registry.close()
