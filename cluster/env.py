@@ -5,6 +5,8 @@ process or component starts, never per request; tunables are not here, they live
 - `PDSERVE_API_KEY` (the router's `router.auth`, the SDK's `pdserve._request`): a public API key when none is given.
 - `PDSERVE_CLUSTER_SECRET` (`cluster.secret`: launcher, workers, front ends): the cluster secret; a child process
   gets it here, never in argv.
+- `PDSERVE_REDIS_PASSWORD` (the launcher, `cluster.registry`): the Redis password, apart from `redis_url` (a Helm
+  Secret); the launcher puts it into the URL.
 - `PDSERVE_KV_TRACE` (`cluster.kv_trace`, read when a transport opens): a directory, KV handoff tracing on.
 - `PDSERVE_COMMIT` (`cluster.bench.report`): the commit of a tree copied without its history.
 - `PROMETHEUS_MULTIPROC_DIR` (set by `pdserve up`, read by `router.metrics`): prometheus_client's multiprocess
@@ -19,6 +21,7 @@ process or component starts, never per request; tunables are not here, they live
 HOME = "PDSERVE_HOME"
 API_KEY = "PDSERVE_API_KEY"
 CLUSTER_SECRET = "PDSERVE_CLUSTER_SECRET"
+REDIS_PASSWORD = "PDSERVE_REDIS_PASSWORD"
 KV_TRACE = "PDSERVE_KV_TRACE"
 COMMIT = "PDSERVE_COMMIT"
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"

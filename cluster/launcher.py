@@ -23,6 +23,8 @@ from cluster.cluster_config import ClusterConfig
 from cluster.kv_trace import ENV as KV_TRACE_ENV
 from cluster.kv_trace import trace_dir
 from cluster.redis_server import RedisServer
+from cluster.registry import PASSWORD_ENV as REDIS_PASSWORD_ENV
+from cluster.registry import url_with_password
 from cluster.secret import ENV as SECRET_ENV
 from cluster.secret import new_secret
 from cluster.supervisor import RedisSupervisor, WorkerSupervisor
@@ -109,6 +111,8 @@ class Cluster:
                 "who can reach it")
         redis = None
         redis_url = config.redis_url
+        if redis_url and os.environ.get(REDIS_PASSWORD_ENV):  # the Helm chart's, from a Secret
+            redis_url = url_with_password(redis_url, os.environ[REDIS_PASSWORD_ENV])
         if not redis_url:
             redis = RedisServer(password=new_secret()).start()
             redis_url = redis.url

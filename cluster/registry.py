@@ -45,7 +45,10 @@ worker (as SGLang's cache-aware router inserts at routing time).
 Connections. Built from a URL, a registry owns one bounded, blocking connection pool: callers queue for
 one of `max_connections` connections (up to `pool_timeout_s`, then a `redis.ConnectionError`) instead of
 opening more, so no load opens more connections than that. A process makes one registry and shares it
-(the router does). The URL's `?max_connections=N&timeout=S` override the two defaults.
+(the router does). The URL's `?max_connections=N&timeout=S` override the two defaults. A `rediss://` URL
+speaks TLS (redis-py's own; e.g. `?ssl_ca_certs=/path/ca.crt` names the CA that signed the server's
+certificate). A password kept apart from the URL (the Helm chart's, from a Secret, in `PASSWORD_ENV`) goes
+into it with `url_with_password`.
 """
 
 from __future__ import annotations
@@ -53,14 +56,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 
+from cluster import env
 from cluster.registry_lua import SCRIPTS
 from cluster.secret import same, sign_fields
 from cluster.worker.config import ROLES
 from router.config import POLICIES as RULES
+
+PASSWORD_ENV = env.REDIS_PASSWORD  # the launcher puts it into a given redis_url
+
+
+def url_with_password(url: str, password: str) -> str:
+    """`url` carrying `password` (URL-quoted; any password it had is replaced, its user name kept)."""
+    parts = urlsplit(url)
+    user = quote(parts.username or "", safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 
 from pdserve.v1 import worker_pb2 as wpb
 
+from cluster.registry import AsyncRegistry
 from cluster.transport import KVReceiver, create_receiver
 from cluster.wire import sampling_from_proto
 from cluster.worker.config import WorkerConfig
@@ -24,7 +25,8 @@ class DecodeServicer(WorkerServicerBase):
         self._leases: dict[str, tuple[asyncio.TimerHandle, float]] = {}  # request id -> (expiry timer, deadline)
 
     @classmethod
-    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> DecodeServicer:
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop,
+                     registry: AsyncRegistry) -> DecodeServicer:
         servicer = cls(config, worker_id, loop)
         receiver = servicer.open_transport(create_receiver)
         servicer.endpoint = await asyncio.to_thread(receiver.listen)

@@ -12,20 +12,25 @@ import time
 from pdserve.v1 import worker_pb2 as wpb
 
 from cluster.engine.outputs import FINISH_PREFILLED
+from cluster.registry import AsyncRegistry
 from cluster.transport import KVSender, TransportError, create_sender
 from cluster.wire import logprobs_to_proto, sampling_from_proto
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop
 from cluster.worker.service_base import WorkerError, WorkerServicerBase
+from prefill_worker.destinations import DecodeDestinations
 
 
 class PrefillServicer(WorkerServicerBase):
     transport: KVSender
+    destinations: DecodeDestinations
 
     @classmethod
-    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> PrefillServicer:
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop,
+                     registry: AsyncRegistry) -> PrefillServicer:
         servicer = cls(config, worker_id, loop)
         servicer.open_transport(create_sender)
+        servicer.destinations = DecodeDestinations(registry, config.registration_ttl_s)
         return servicer
 
     async def Prefill(self, request: wpb.PrefillRequest) -> wpb.PrefillReply:
@@ -40,6 +45,7 @@ class PrefillServicer(WorkerServicerBase):
         if dest.transport and dest.transport != self.transport.name:
             raise WorkerError("FAILED_PRECONDITION",
                               f"decode worker speaks {dest.transport!r}, this prefill worker {self.transport.name!r}")
+        await self._check_destination(dest)
         tokens = list(request.token_ids)
         stream = None
         if dest.block_ids:
@@ -93,3 +99,14 @@ class PrefillServicer(WorkerServicerBase):
         if out.logprobs:
             reply.first_logprobs.CopyFrom(logprobs_to_proto(token, out.logprobs[0]))
         return reply
+
+    async def _check_destination(self, dest: wpb.KVDestination) -> None:
+        """PERMISSION_DENIED unless `dest` is a registered decode worker's KV endpoint (the caller is known, but
+        this worker connects only to its cluster's peers); UNAVAILABLE if the registry cannot say."""
+        try:
+            why = await self.destinations.refusal(dest)
+        except Exception as e:
+            raise WorkerError("UNAVAILABLE", f"cannot check the KV destination, the registry is unreachable: {e}") \
+                from None
+        if why:
+            raise WorkerError("PERMISSION_DENIED", why)

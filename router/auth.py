@@ -4,7 +4,9 @@ With keys set, a call must carry `authorization: Bearer KEY` (compared in consta
 gRPC answers UNAUTHENTICATED and HTTP 401 with an OpenAI error object. Health checks stay open (gRPC health,
 HTTP /health), and so does /metrics (as vLLM's --api-key); reflection needs a key like the API. Keys are
 never logged. The gRPC guard also decodes GenerateService requests itself, so that an undecodable or
-truncated message is INVALID_ARGUMENT instead of grpc's UNKNOWN/INTERNAL.
+truncated message is INVALID_ARGUMENT instead of grpc's UNKNOWN/INTERNAL, and one larger than any valid
+request (`router.validation.max_request_bytes`) is INVALID_ARGUMENT without being parsed: grpc.aio runs the
+parse on the event loop, where megabytes of it would stall every other stream.
 """
 
 from __future__ import annotations
@@ -68,23 +70,29 @@ class ApiKeys:
         return check
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes did not parse."""
+class _Refused:
+    """Stands in for a request whose bytes were not parsed, or did not parse; says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-def _decoding(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """`handler` (unary request) with its request parsed here: bad bytes abort with INVALID_ARGUMENT."""
+def _decoding(handler: grpc.RpcMethodHandler, max_bytes: int) -> grpc.RpcMethodHandler:
+    """`handler` (unary request) with its request parsed here: bad bytes, or more than `max_bytes` of them,
+    abort with INVALID_ARGUMENT."""
     parse = handler.request_deserializer
 
     def safe_parse(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Refused(f"a request of {len(data)} bytes is larger than any valid one ({max_bytes} at most)")
         try:
             return parse(data)
         except Exception:  # noqa: BLE001 - any decode failure is the caller's bad message
-            return _Undecodable()
+            return _Refused("the request is not a valid protobuf message")
 
     async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid protobuf message")
+        if isinstance(request, _Refused):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
 
     if handler.response_streaming:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -101,13 +109,14 @@ def _decoding(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class PublicGuard(grpc.aio.ServerInterceptor):
-    """Keys on every method but health; safe decoding on the methods of `service`."""
+    """Keys on every method but health; safe decoding of at most `max_request_bytes` on the methods of `service`."""
 
-    def __init__(self, keys: ApiKeys, service: str) -> None:
+    def __init__(self, keys: ApiKeys, service: str, max_request_bytes: int) -> None:
         self._keys = keys
         self._prefix = f"/{service}/"
         # Each method's decoding handler, built once: grpc's handler constructors import a module per call.
         self._decoded: dict[str, grpc.RpcMethodHandler] = {}
+        self._max_bytes = max_request_bytes
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -120,6 +129,6 @@ class PublicGuard(grpc.aio.ServerInterceptor):
         if details.method.startswith(self._prefix) and not handler.request_streaming:
             decoded = self._decoded.get(details.method)
             if decoded is None:
-                decoded = self._decoded[details.method] = _decoding(handler)
+                decoded = self._decoded[details.method] = _decoding(handler, self._max_bytes)
             return decoded
         return handler

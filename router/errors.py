@@ -31,7 +31,8 @@ def worker_error(err: grpc.aio.AioRpcError, what: str) -> RouterError:
     if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.ALREADY_EXISTS):
         return RouterError(code, f"{what}: {details}")
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):  # e.g. the lease expired
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,  # e.g. the lease expired,
+                grpc.StatusCode.PERMISSION_DENIED):  # or the decode worker left the registry since the pick
         return RouterError(grpc.StatusCode.ABORTED, f"{what}: {details}")
     if code == grpc.StatusCode.CANCELLED:
         return RouterError(grpc.StatusCode.ABORTED, f"{what} was cancelled by the worker: {details}")

@@ -25,6 +25,7 @@ from router.model_info import ModelInfo
 from router.orchestrator import Orchestrator
 from router.policy import make_policy
 from router.tls import grpc_credentials, http_ssl_context
+from router.validation import max_request_bytes
 
 try:  # the GPU image lacks these: add grpcio-health-checking/-reflection == grpcio's version to its bundle
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -189,7 +190,8 @@ async def serve(config: RouterConfig) -> RouterServer:
     orchestrator = flow(config, model, registry, WorkerChannels(config.cluster_secret),
                         make_policy(config.policy, config.prefix_load_slack))
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port)), *PENDING_CALLS],
-                             interceptors=[PublicGuard(ApiKeys(config.api_keys), SERVICE_NAME)],
+                             interceptors=[PublicGuard(ApiKeys(config.api_keys), SERVICE_NAME,
+                                                       max_request_bytes(model))],
                              maximum_concurrent_rpcs=config.max_queue + CONTROL_RPC_HEADROOM)
     metrics = RouterMetrics(model.name)
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(orchestrator, metrics), server)

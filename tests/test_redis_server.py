@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
+import redis
 
 import cluster.redis_server as redis_server_mod
 from cluster.redis_server import RedisServer, find_redis_server
-from cluster.registry import Registry
+from cluster.registry import Registry, url_with_password
 from tests import redis_fixtures
 
 redis_server = redis_fixtures.redis_server  # the shared fixture
@@ -34,6 +35,17 @@ def test_server_stop_leaves_no_process() -> None:
     srv.stop()  # idempotent
     with pytest.raises(RuntimeError, match="not running"):
         _ = srv.url
+
+
+def test_password_kept_apart_from_the_url() -> None:
+    """A password given apart from the URL (the Helm chart's, from a Secret) opens the registry once
+    `url_with_password` puts it in, URL-special characters included; without it Redis refuses."""
+    password = "p@ss:/w%rd"
+    with RedisServer(password=password) as srv:
+        bare = f"redis://{srv.host}:{srv.port}/0"
+        with pytest.raises(redis.AuthenticationError):
+            Registry(bare, "x").list_workers()
+        assert Registry(url_with_password(bare, password), "x").list_workers() == []
 
 
 def test_server_stopped_at_interpreter_exit() -> None:

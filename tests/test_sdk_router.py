@@ -16,12 +16,21 @@ import grpc
 import pdserve
 import pytest
 from pdserve.errors import error_for
+from pdserve.v1 import generate_pb2 as pb
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from cluster.cluster_config import ClusterConfig
 from cluster.prefix_hash import chain_block_hashes, hash_block
 from cluster.registry import WorkerInfo
 from router.config import RouterConfig
+from router.model_info import ModelInfo
+from router.validation import (
+    MAX_BYTES_PER_TOKEN,
+    MAX_STOP_BYTES,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    max_request_bytes,
+)
 from tests.sdk_router_helpers import BLOCK, Cluster, wait_for
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world how are you", "a b c d e f g"]
@@ -91,6 +100,21 @@ def test_typed_errors_and_client_side_encoding() -> None:
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_requests_at_every_limit_fit_max_request_bytes(model_dir: Path) -> None:
+    """The public guard refuses a message larger than `max_request_bytes` unparsed: it must bound every request
+    validation could accept (prompt, stops, request id and model name all at their limits, negative ids and
+    seeds in their 10-byte varints)."""
+    model = ModelInfo.load(str(model_dir), max_model_len=32)
+    sampling = pb.SamplingParams(max_tokens=-1, temperature=100.0, top_k=-1, top_p=1.0, seed=-1, ignore_eos=True,
+                                 stop=["\u00e9" * (MAX_STOP_BYTES // 2)] * MAX_STOP_STRINGS,
+                                 stop_token_ids=[-1] * MAX_STOP_TOKEN_IDS, logprobs=-1)
+    prompts = {"text": "\u00e9" * (MAX_BYTES_PER_TOKEN * model.max_model_len // 2),
+               "token_ids": pb.TokenIds(ids=[-1] * model.max_model_len)}
+    for kind, prompt in prompts.items():
+        req = pb.GenerateRequest(**{kind: prompt}, sampling=sampling, request_id="r" * 128, model=model.name)
+        assert len(req.SerializeToString()) <= max_request_bytes(model), kind
+
+
 def test_router_config_validation() -> None:
     with pytest.raises(ValueError, match="policy"):
         RouterConfig(model_dir="m", redis_url="redis://x", policy="random")
@@ -133,6 +157,7 @@ def test_no_workers_unavailable_and_not_serving(make_cluster) -> None:  # type: 
     ("hello", {"model": "gpt-9"}, "unknown model 'gpt-9'"),
     ([1, 2, 100000], {}, "token id 100000 at position 2 is out of the vocabulary"),
     ([-3], {}, "token id -3"),
+    ("hello " * 8000, {}, "larger than any valid one"),  # refused before it is parsed
     ("hello", {"request_id": "has space"}, "request_id"),
 ])
 def test_invalid_arguments(make_cluster, prompt, kwargs, reason) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,15 @@ before work, listeners on the configured host); mutual TLS on a router alone."""
 
 from __future__ import annotations
 
-import datetime
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import select
+import socket
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +30,9 @@ from cluster.registry import Registry, WorkerInfo
 from cluster.transport import kv_transfer_pb2 as kpb
 from cluster.transport.api import TransportError
 from cluster.transport.control import ControlConn, ControlListener
+from cluster.worker.config import WorkerConfig
 from tests.cluster_harness import ClusterHarness
+from tests.tls_certs import make_certs
 
 KEY = "test-key-1"
 GREEDY = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
@@ -32,45 +42,9 @@ WORKER_METHODS = {"Reserve": wpb.ReserveRequest(request_id="x", num_tokens=8, le
                   "Cancel": wpb.CancelRequest(request_id="x"), "GetStats": wpb.StatsRequest()}
 
 
-def _certs(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def make(name: str, issuer: tuple | None, ca: bool = False, san: list | None = None) -> tuple:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer[0].subject if issuer else subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(issuer[1] if issuer else key, hashes.SHA256()), key
-
-    import ipaddress
-
-    ca = make("pdserve-test-ca", None, ca=True)
-    server = make("127.0.0.1", ca, san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client = make("client", ca)
-    out = {}
-    for name, (cert, key) in {"ca": ca, "server": server, "client": client}.items():
-        out[f"{name}.crt"] = folder / f"{name}.crt"
-        out[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{name}.key"] = folder / f"{name}.key"
-        out[f"{name}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    return out
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return _certs(tmp_path_factory.mktemp("certs"))
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +137,52 @@ def test_every_worker_method_refuses_a_caller_without_the_secret(harness):  # ty
         with pytest.raises(grpc.RpcError) as err:
             call(wpb.PrefillRequest(request_id="no-dest", token_ids=[5] * 1000), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.perf_counter() - t0 < 0.5
+
+
+def test_prefill_pushes_kv_only_to_registered_decode_workers(harness):  # type: ignore[no-untyped-def]
+    """Even with the secret, a Prefill whose destination is not a registered decode worker's KV endpoint is
+    refused at once, before its forward and without connecting there; one registered since is served."""
+    registry = Registry(harness.cluster.redis_url, "security", secret=harness.cluster.secret)
+    (decode,) = [w for w, _ in registry.list_workers("decode")]
+    prefill = next(w for w in harness.cluster.worker_info if w["role"] == "prefill")
+    trap = socket.create_server(("127.0.0.1", 0))
+    trap.settimeout(10)
+    endpoint = f"127.0.0.1:{trap.getsockname()[1]}"
+    joined = dataclasses.replace(decode, worker_id="decode-joined", address="127.0.0.1:1", transport_endpoint=endpoint)
+
+    def prefill_to(worker_id: str) -> tuple[grpc.RpcError, float]:
+        dest = wpb.KVDestination(worker_id=worker_id, transport="gloo", transport_endpoint=endpoint,
+                                 block_ids=list(range(63)))
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            call(wpb.PrefillRequest(request_id=f"to-{worker_id}", token_ids=[5] * 1000, dest=dest), timeout=30)
+        return err.value, time.perf_counter() - t0
+
+    try:
+        with harness.worker_channel(prefill["address"]) as ch:
+            call = ch.unary_unary("/pdserve.v1.WorkerService/Prefill",
+                                  request_serializer=wpb.PrefillRequest.SerializeToString)
+            for worker_id in ("decode-nowhere", decode.worker_id):  # unknown id; a real one, not its endpoint
+                err, seconds = prefill_to(worker_id)
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+                assert worker_id in (err.details() or "") and seconds < 0.5
+            readable, _, _ = select.select([trap], [], [], 0.5)
+            assert not readable  # nobody connected to the trap
+            registry.register(joined, ttl_s=60)  # the prefill worker's cached listing does not have it yet
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(prefill_to, joined.worker_id)
+                conn, _ = trap.accept()  # now it connects
+                conn.close()  # no hello: the handoff fails
+                assert pending.result(timeout=30)[0].code() == grpc.StatusCode.ABORTED
+            registry.deregister(joined.worker_id)  # gone: refused again once the cached listing has aged
+            time.sleep(max(3 * WorkerConfig.heartbeat_s, 1.0) + 0.2)  # WorkerConfig.registration_ttl_s
+            assert prefill_to(joined.worker_id)[0].code() == grpc.StatusCode.PERMISSION_DENIED
+            assert not select.select([trap], [], [], 0.2)[0]
+    finally:
+        registry.deregister(joined.worker_id)
+        registry.close()
+        trap.close()
+    harness.wait_all_blocks_free()
 
 
 def test_kv_control_channel_refuses_a_peer_without_the_secret(harness):  # type: ignore[no-untyped-def]
@@ -261,6 +281,98 @@ def test_limits_before_work(harness, certs):  # type: ignore[no-untyped-def]
                 list(call(junk, timeout=5, metadata=(("authorization", f"Bearer {KEY}"),)))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
             assert time.perf_counter() - t0 < 0.05
+
+
+# Sends the bad requests of test_limits_before_work, one at a time with PAUSE_S between them, from a process of its
+# own (building and encrypting 3.9 M ids must not take the router's GIL), each serialized once. Its stdin says
+# when: after "go" it sends (printing "sending" once a round is done) until "stop", then prints the calls of
+# that spell as one JSON list of [case, seconds, status]; it ends at EOF.
+_BAD_CLIENT = r"""
+import json, sys, threading, time
+import grpc
+from pdserve.v1 import generate_pb2 as pb
+
+target, ca, key, pause_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+cases = {"2 MB text": pb.GenerateRequest(text="a" * (2 << 20)).SerializeToString(),
+         "3.9 M ids": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 3_900_000)).SerializeToString(),
+         "undecodable": b"\xff\xff\xff",
+         "truncated": pb.GenerateRequest(text="hello").SerializeToString()[:-2]}
+stop = threading.Event()
+with grpc.secure_channel(target, grpc.ssl_channel_credentials(open(ca, "rb").read())) as ch:
+    generate = ch.unary_stream("/pdserve.v1.GenerateService/Generate")
+    for line in sys.stdin:
+        if line.strip() != "go":
+            continue
+        stop.clear()
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+        calls = []
+        while not stop.is_set():
+            for name, data in cases.items():
+                t0 = time.perf_counter()
+                try:
+                    list(generate(data, timeout=5, metadata=(("authorization", "Bearer " + key),)))
+                    status = "OK"
+                except grpc.RpcError as err:
+                    status = err.code().name
+                calls.append([name, time.perf_counter() - t0, status])
+                time.sleep(pause_s)
+            if len(calls) == len(cases):
+                print("sending", flush=True)
+        print(json.dumps(calls), flush=True)
+"""
+
+
+def _token_gaps(c: pdserve.Client, streams: int, max_tokens: int) -> list[list[float]]:
+    """Run `streams` greedy streams at once; for each, the gaps (s) between its deltas after the first."""
+    def one(i: int) -> list[float]:
+        arrivals = [time.perf_counter() for d in c.generate_stream(f"The river runs {i}", max_tokens=max_tokens,
+                                                                   temperature=0.0, ignore_eos=True) if d.token_ids]
+        return [b - a for a, b in itertools.pairwise(arrivals[1:])]  # from the second delta: TTFT apart
+
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        return list(pool.map(one, range(streams)))
+
+
+def _typical_p90(gaps: list[list[float]]) -> float:
+    """The median over streams of each stream's 90th-percentile gap: one slow stream or gap does not decide."""
+    return statistics.median(statistics.quantiles(g, n=10)[-1] for g in gaps)
+
+
+def test_refusals_leave_other_streams_alone(harness, certs):  # type: ignore[no-untyped-def]
+    """While a client sends the 2 MB prompt, the 3.9 M ids and undecodable bytes again and again (every 10 ms),
+    each is refused with INVALID_ARGUMENT (90% of each case within 50 ms, none past 0.5 s, on a shared 2-core
+    machine), and other streams' inter-token gaps stay within 2x of unloaded: rounds of unloaded then loaded
+    streams, the median round's ratio decides (the machine's other load drifts between rounds, less within one)."""
+    streams, max_tokens, rounds = 6, 64, 5
+    ratios, calls = [], []
+    bad = subprocess.Popen([sys.executable, "-c", _BAD_CLIENT, f"localhost:{harness.cluster.router.port}",
+                            str(certs["ca.crt"]), KEY, "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    assert bad.stdin is not None and bad.stdout is not None
+    try:
+        with _client(harness, certs, KEY) as c:
+            _token_gaps(c, streams, 8)  # warm
+            for _ in range(rounds):
+                unloaded = _typical_p90(_token_gaps(c, streams, max_tokens))
+                bad.stdin.write("go\n")
+                bad.stdin.flush()
+                assert bad.stdout.readline().strip() == "sending"
+                loaded = _typical_p90(_token_gaps(c, streams, max_tokens))
+                bad.stdin.write("stop\n")
+                bad.stdin.flush()
+                calls += json.loads(bad.stdout.readline())
+                ratios.append(loaded / unloaded)
+    finally:
+        try:
+            bad.communicate("", timeout=60)
+        finally:
+            bad.kill()
+    assert len(calls) >= 8 * rounds and {status for _, _, status in calls} == {"INVALID_ARGUMENT"}, calls
+    seconds = {name: [t for n, t, _ in calls if n == name] for name, _, _ in calls}
+    ms = {name: (round(statistics.quantiles(t, n=10)[-1] * 1e3, 1), round(max(t) * 1e3, 1))
+          for name, t in seconds.items()}
+    assert all(p90 < 50 and slowest < 500 for p90, slowest in ms.values()), f"refusals, p90 and max ms: {ms}"
+    assert statistics.median(ratios) < 2, f"typical p90 inter-token gap loaded / unloaded, per round: {ratios}"
 
 
 def test_every_listener_is_on_the_configured_host(harness):  # type: ignore[no-untyped-def]

@@ -44,3 +44,8 @@ class WorkerConfig:
             raise ValueError("heartbeat_s, kv_send_timeout_s and gil_switch_interval_ms must be positive")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+
+    @property
+    def registration_ttl_s(self) -> float:
+        """How long the worker's registry entry lives without a heartbeat (three missed beats, at least 1 s)."""
+        return max(3 * self.heartbeat_s, 1.0)

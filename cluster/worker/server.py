@@ -49,7 +49,8 @@ class WorkerServer:
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)  # the whole process: one worker per process
         engine = await asyncio.to_thread(LLMEngine, self._engine_config())
         self.loop = EngineLoop(engine)
-        self.servicer = await self.servicer_cls.create(cfg, self.worker_id, self.loop)
+        self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name, secret=cfg.cluster_secret)
+        self.servicer = await self.servicer_cls.create(cfg, self.worker_id, self.loop, self._registry)
         self._frontend = FrontendLink(self.servicer, self.loop, cfg.host, cfg.cluster_secret,
                                       on_lost=self._frontend_lost)
         port = await self._frontend.start()
@@ -62,7 +63,6 @@ class WorkerServer:
             transport_endpoint=self.servicer.endpoint,
             total_kv_blocks=stats.num_total_blocks, block_size=cfg.engine.block_size,
             max_requests=cfg.engine.max_num_seqs + cfg.max_queue)
-        self._registry = AsyncRegistry(cfg.redis_url, cfg.cluster_name, secret=cfg.cluster_secret)
         await self._registry.register(self._info, self._ttl, self._load())
         aio_loop = asyncio.get_running_loop()
         self.loop.on_blocks_freed = lambda: aio_loop.call_soon_threadsafe(self._blocks_freed.set)
@@ -99,7 +99,7 @@ class WorkerServer:
 
     @property
     def _ttl(self) -> float:
-        return max(3 * self.config.heartbeat_s, 1.0)
+        return self.config.registration_ttl_s
 
     def _load(self) -> WorkerLoad:
         assert self.servicer is not None

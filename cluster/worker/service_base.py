@@ -20,6 +20,7 @@ from pdserve.v1 import worker_pb2 as wpb
 from cluster.engine import LLMEngine, StepOutput
 from cluster.engine.outputs import FINISH_ABORT
 from cluster.kv_trace import KVTrace
+from cluster.registry import AsyncRegistry
 from cluster.worker.config import WorkerConfig
 from cluster.worker.engine_loop import EngineLoop, output_queue
 
@@ -62,8 +63,10 @@ class WorkerServicerBase:
                                                  thread_name_prefix=f"{config.role}-kv")
 
     @classmethod
-    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop) -> WorkerServicerBase:
-        """The role's servicer for a loaded engine (roles that move KV open their transport here)."""
+    async def create(cls, config: WorkerConfig, worker_id: str, loop: EngineLoop,
+                     registry: AsyncRegistry) -> WorkerServicerBase:
+        """The role's servicer for a loaded engine (roles that move KV open their transport here); `registry`:
+        the process's one registry, for roles that read it (the worker registers with it, and closes it)."""
         return cls(config, worker_id, loop)
 
     def open_transport(self, create: Callable[..., T]) -> T:
