@@ -68,6 +68,7 @@ class ClusterConfig:
     queue_timeout_s: float = 10.0  # router: longest wait for admission before RESOURCE_EXHAUSTED
     migration_limit: int = 1  # router: moves of one request off a worker lost mid-stream; 0: it fails instead
     kv_failure_policy: str = "recompute"  # router: a failed KV handoff is prefilled again once ("fail": ends it)
+    stream_idle_timeout_s: float = 60.0  # router: a stream its client has not read for this long is cancelled
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys; (): the port is open to all
     cluster_secret: str | None = field(default=None, repr=False)  # None: a fresh one per start (cluster.secret)
     tls_cert: str | None = None  # PEM files: TLS on the router's public gRPC and HTTP ports
@@ -110,8 +111,9 @@ class ClusterConfig:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.router_processes is not None and self.router_processes < 1:
             raise ValueError(f"router_processes must be >= 1, got {self.router_processes}")
-        if not self.queue_timeout_s > 0:
-            raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
+        for name in ("queue_timeout_s", "stream_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.migration_limit < 0:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.kv_failure_policy not in KV_FAILURE_POLICIES:

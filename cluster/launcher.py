@@ -128,6 +128,7 @@ class Cluster:
                                   reserve_lease_ms=config.reserve_lease_ms, max_model_len=config.engine.max_model_len,
                                   queue_timeout_s=config.queue_timeout_s, migration_limit=config.migration_limit,
                                   kv_failure_policy=config.kv_failure_policy,
+                                  stream_idle_timeout_s=config.stream_idle_timeout_s,
                                   api_keys=tuple(config.api_keys), cluster_secret=secret, tls_cert=config.tls_cert,
                                   tls_key=config.tls_key, tls_client_ca=config.tls_client_ca)
         router = await serve(router_cfg)
