@@ -94,18 +94,30 @@ class Outbox:
         entries, self._entries = self._entries, []
         return entries
 
-    async def fill(self, index: int, responses: AsyncIterator[pb.GenerateResponse]) -> None:
-        """Put every response of `responses` as stream `index`, then its end (None) or its RouterError;
-        cancelling this closes `responses` (the orchestrator's cleanup runs)."""
+    async def put_next(self, index: int, responses: AsyncIterator[pb.GenerateResponse]) -> bool:
+        """Put the next response of `responses` as stream `index`, or its end (None) or its RouterError; False
+        once the stream is over (closing `responses` stays the caller's)."""
         try:
-            async for msg in responses:
-                self.put(index, msg)
+            msg = await anext(responses)
+        except StopAsyncIteration:
             self.put(index, None)
+            return False
         except RouterError as err:
             self.put(index, err)
+            return False
         except Exception as exc:  # a bug: say so rather than leave the client waiting
             log.exception("stream %d failed", index)
             self.put(index, RouterError(grpc.StatusCode.INTERNAL, f"router error: {type(exc).__name__}: {exc}"))
+            return False
+        self.put(index, msg)
+        return True
+
+    async def fill(self, index: int, responses: AsyncIterator[pb.GenerateResponse]) -> None:
+        """Put every response of `responses` as stream `index` (`put_next`) to its end; cancelling this closes
+        `responses` (the orchestrator's cleanup runs)."""
+        try:
+            while await self.put_next(index, responses):
+                pass
         finally:
             await responses.aclose()
 

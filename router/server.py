@@ -62,13 +62,16 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
         self.stream_idle_timeout_s = orchestrator.config.stream_idle_timeout_s
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        # The responses fill an outbox on a task of their own (`router.client_stream`); this coroutine writes
-        # them with context.write. When the client cancels, grpc cancels this coroutine, and the fill's
-        # cancel runs the orchestrator's cleanup right away.
+        # The first response is awaited here: a refusal (a full router, a bad request) is answered without a
+        # task. The rest fill the outbox from a task of their own (`router.client_stream`) while this coroutine
+        # writes them with context.write. When the client cancels, grpc cancels this coroutine, and the
+        # fill's cancel (or the aclose below) runs the orchestrator's cleanup right away.
+        responses = self.metrics.track(self.orch.generate(request, context.time_remaining))
         outbox = Outbox()
-        filling = asyncio.ensure_future(
-            outbox.fill(0, self.metrics.track(self.orch.generate(request, context.time_remaining))))
+        filling: asyncio.Task[None] | None = None
         try:
+            if await outbox.put_next(0, responses):
+                filling = asyncio.ensure_future(outbox.fill(0, responses))
             while True:
                 for _, item in await outbox.take():
                     if item is None:
@@ -81,11 +84,15 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
             # The client's window stays full. The write in flight stays queued in grpc's core: a client that
             # reads again gets it, then this status.
             log.info("Generate(%s): %s", request.request_id, idle.reason)
-            await stop_filling(filling)  # frees the request on its workers now
+            if filling is not None:
+                await stop_filling(filling)  # frees the request on its workers now
             context.set_code(grpc.StatusCode.CANCELLED)
             context.set_details(idle.reason)
         finally:
-            await stop_filling(filling)
+            if filling is None:
+                await responses.aclose()
+            else:
+                await stop_filling(filling)
 
     async def _write(self, context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) -> bool:
         """Send one response; False if the call has already ended: a client cancel or deadline can reach grpc's

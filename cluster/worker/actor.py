@@ -44,8 +44,10 @@ class WorkerActor:
         self.server = WorkerServer(config, load_servicer(servicer))
 
     async def start(self) -> dict[str, str]:
+        """Start serving; the worker's id, address, role and engine process id (for `bench soak`'s kills and RSS)."""
         address = await self.server.start()
-        return {"worker_id": self.server.worker_id, "address": address, "role": self.server.config.role}
+        return {"worker_id": self.server.worker_id, "address": address, "role": self.server.config.role,
+                "pid": str(os.getpid())}
 
     async def stats(self) -> dict[str, int]:
         assert self.server.loop is not None
