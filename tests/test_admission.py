@@ -10,7 +10,6 @@ import asyncio
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
 
 import grpc
 import pytest
@@ -156,19 +155,17 @@ def test_3000_concurrent_requests_end_ok_or_resource_exhausted(ray_session, tiny
         harness.close()
 
 
-def flood(address: str, started: Any = None) -> list[tuple[Code, float, float, str]]:
-    return asyncio.run(_flood(address, started))
+def flood(address: str) -> list[tuple[Code, float, float, str]]:
+    return asyncio.run(_flood(address))
 
 
-async def _flood(address: str, started: Any = None) -> list[tuple[Code, float, float, str]]:
+async def _flood(address: str) -> list[tuple[Code, float, float, str]]:
     """Send N_REQUESTS (32 tokens in, 8 out) at once, from one channel; (status, when it was sent, when it
     ended (seconds from the start), reason) of each."""
     async with AsyncClient(address, timeout=120) as client:
         await client.wait_until_serving(timeout=60)
         for _ in range(8):  # a warm path (connections, attached streams): this measures overload, not a cold start
             await client.generate([3] * 32, max_tokens=8, temperature=0.0, ignore_eos=True)
-        if started is not None:
-            started.set()
         t0 = time.perf_counter()
 
         async def one(i: int) -> tuple[Code, float, float, str]:
