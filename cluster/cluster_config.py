@@ -20,7 +20,7 @@ TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
 # The keys that are the router's own settings: their defaults and checks are RouterConfig's (one source), and
 # `router_config` hands them on as they are.
 ROUTER_KEYS = ("host", "cluster_name", "mode", "policy", "max_queue", "reserve_lease_ms", "queue_timeout_s",
-               "migration_limit", "kv_failure_policy", "api_keys", "tls_cert", "tls_key", "tls_client_ca")
+               "migration_limit", "kv_failure_policy", "stream_idle_timeout_s", "api_keys", "tls_cert", "tls_key", "tls_client_ca")
 _R = RouterConfig  # the defaults below that read `_R.x` are the router's
 MAX_DEFAULT_ROUTER_PROCESSES = 4
 
@@ -73,6 +73,7 @@ class ClusterConfig:
     queue_timeout_s: float = _R.queue_timeout_s  # longest wait for admission before RESOURCE_EXHAUSTED
     migration_limit: int = _R.migration_limit  # moves of one request off a worker lost mid-stream; 0: it fails
     kv_failure_policy: str = _R.kv_failure_policy  # a failed KV handoff is prefilled again once ("fail": ends it)
+    stream_idle_timeout_s: float = _R.stream_idle_timeout_s  # a stream its client has not read this long is cut
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys; (): the port is open to all
     cluster_secret: str | None = field(default=None, repr=False)  # None: a fresh one per start (cluster.secret)
     tls_cert: str | None = None  # PEM files: TLS on the router's public gRPC and HTTP ports

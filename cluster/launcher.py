@@ -34,7 +34,6 @@ from router.server import RouterServer, serve
 
 log = logging.getLogger(__name__)
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 # Each role's servicer ("module:Class"), handed to the worker host, which never imports the roles itself.
 ROLE_SERVICERS = {
     "prefill": "prefill_worker.service:PrefillServicer",
@@ -154,22 +153,11 @@ class Cluster:
         return (f"{roles.count('prefill')} prefill + {roles.count('decode')} decode workers, "
                 f"transport {self.transport}")
 
-    def _worker_config(self, role: str, index: int, host: str) -> WorkerConfig:
-        return self.config.worker_config(role, index, self.model_dir, self.redis_url, self.transport, host,
-                                         self.secret)
-
-    def _worker_hosts(self, n: int) -> list[str]:
-        """The address each worker binds and advertises: `host`, or with a wildcard `host` (0.0.0.0, as in
-        Kubernetes, where the router must listen on all interfaces) the IP of the Ray node holding its bundle,
-        so that workers on other nodes advertise an address the router and their peers can reach."""
-        import ray
-        from ray.util import placement_group_table
-
-        if self.config.host not in WILDCARD_HOSTS:
-            return [self.config.host] * n
-        node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
-        bundle_nodes = placement_group_table(self.placement_group)["bundles_to_node_id"]
-        return [node_ips[bundle_nodes[i]] for i in range(n)]
+    def _worker_config(self, role: str, index: int) -> WorkerConfig:
+        """Worker `index`'s config; with a wildcard `host` (0.0.0.0, as in Kubernetes, where the router must
+        listen on all interfaces) the worker binds and advertises its own Ray node's IP (WorkerActor)."""
+        return self.config.worker_config(role, index, self.model_dir, self.redis_url, self.transport,
+                                         self.config.host, self.secret)
 
     async def _start_workers(self) -> None:
         import ray
@@ -186,7 +174,6 @@ class Cluster:
             # GPU by the id Ray assigned (see WorkerActor).
             env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
         actor_cls = ray.remote(WorkerActor)
-        hosts = self._worker_hosts(len(roles))
 
         def new_worker(i: int) -> Any:
             """Worker i's actor on its bundle (again, when the supervisor replaces a dead one)."""
@@ -194,7 +181,7 @@ class Cluster:
             return actor_cls.options(
                 num_gpus=self.config.gpus_per_worker, num_cpus=self.config.cpus_per_worker,
                 scheduling_strategy=strategy, runtime_env={"env_vars": env}, max_concurrency=1000,
-            ).remote(self._worker_config(roles[i], i, hosts[i]), ROLE_SERVICERS[roles[i]])
+            ).remote(self._worker_config(roles[i], i), ROLE_SERVICERS[roles[i]])
 
         self.workers.extend(new_worker(i) for i in range(len(roles)))
         t0 = time.perf_counter()

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, int]:
     p.add_argument("--reserve-lease-ms", type=int, default=60_000)
     p.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds")
     p.add_argument("--decode-first-token-timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--stream-idle-timeout", type=float, default=60.0,
+                   help="seconds a client may leave its stream unread before the router cancels it")
     p.add_argument("--processes", type=int, default=1, help="router processes serving the port (SO_REUSEPORT)")
     a = p.parse_args(argv)
     if a.processes < 1:
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RouterConfig, int]:
                         policy=a.policy, max_queue=a.max_queue, max_model_len=a.max_model_len,
                         reserve_lease_ms=a.reserve_lease_ms,
                         prefill_timeout_s=a.prefill_timeout,
-                        decode_first_token_timeout_s=a.decode_first_token_timeout), a.processes
+                        decode_first_token_timeout_s=a.decode_first_token_timeout,
+                        stream_idle_timeout_s=a.stream_idle_timeout), a.processes
 
 
 async def _main(config: RouterConfig, processes: int) -> None:

@@ -17,6 +17,8 @@ class RouterConfig:
     `max_queue` caps the requests in this router, running or waiting for admission (`router.admission`);
     beyond it requests fail at once with RESOURCE_EXHAUSTED (0 rejects everything, which is useful for
     draining); a request that waits longer than `queue_timeout_s` is refused the same way.
+    `stream_idle_timeout_s` ends a stream whose client has not read it for that long (a write that its flow
+    control holds up; 60 s, nginx's `send_timeout`): CANCELLED over gRPC, the connection closed over HTTP.
     `max_model_len=None` reads it from the model directory (config.json `max_position_embeddings`, else
     tokenizer_config `model_max_length`).
 
@@ -55,6 +57,7 @@ class RouterConfig:
     prefill_slots_per_worker: int = 8  # requests per prefill worker between decode reservation and prefill end
     migration_limit: int = 1  # moves of one request off workers lost mid-stream (0: off)
     kv_failure_policy: str = "recompute"  # a failed KV handoff: "recompute" (once per request) or "fail"
+    stream_idle_timeout_s: float = 60.0  # a client that takes no write for this long is cut off (router.client_stream)
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # public API keys (router.auth); (): open
     cluster_secret: str = field(default="", repr=False)  # WorkerService token, registry signatures (cluster.secret)
     tls_cert: str | None = None  # PEM files: TLS on the public gRPC and HTTP ports
@@ -89,7 +92,7 @@ class RouterConfig:
             raise ValueError(f"reserve_lease_ms must be >= 1, got {self.reserve_lease_ms}")
         for name in ("reserve_timeout_s", "prefill_timeout_s", "decode_first_token_timeout_s",
                      "decode_chunk_timeout_s", "cancel_timeout_s", "prefix_ttl_s", "health_interval_s",
-                     "queue_timeout_s"):
+                     "queue_timeout_s", "stream_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_decode_attempts < 1 or self.max_prefill_attempts < 1:

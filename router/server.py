@@ -16,6 +16,7 @@ from pdserve.v1 import generate_pb2_grpc as pb_grpc
 from cluster.registry import AsyncRegistry
 from router.auth import ApiKeys, PublicGuard
 from router.channels import WorkerChannels
+from router.client_stream import Outbox, StreamIdle, stop_filling, write_or_idle
 from router.colocated import ColocatedOrchestrator
 from router.config import RouterConfig
 from router.errors import RouterError
@@ -52,41 +53,58 @@ PENDING_CALLS = [("grpc.server.max_pending_requests", 1 << 16),
 CONTROL_RPC_HEADROOM = 64
 
 
-async def _write(context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) -> bool:
-    """Send one response; False if the call has already ended: a client cancel or deadline can reach grpc's
-    core before it reaches this handler, and the write then fails (ExecuteBatchError) instead."""
-    try:
-        await context.write(msg)
-    except grpc.aio.BaseError as exc:
-        log.debug("Generate: write after the call ended (%s: %s)", type(exc).__name__, exc)
-        return False
-    return True
-
-
 class GenerateServicer(pb_grpc.GenerateServiceServicer):
-    """Thin gRPC adapter over the Orchestrator: statuses out of RouterErrors, cleanup on cancel."""
+    """Thin gRPC adapter over the Orchestrator: statuses out of RouterErrors, cleanup on cancel, a stream its
+    client does not read ended with CANCELLED naming stream_idle_timeout_s."""
 
     def __init__(self, orchestrator: Orchestrator, metrics: RouterMetrics) -> None:
         self.orch = orchestrator
         self.metrics = metrics
+        self.stream_idle_timeout_s = orchestrator.config.stream_idle_timeout_s
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        # A coroutine writing with context.write (not an async generator), so that when the client
-        # cancels, `aclose()` runs the orchestrator's cleanup right away instead of at garbage collection.
+        # The first response is awaited here: a refusal (a full router, a bad request) is answered without a
+        # task. The rest fill the outbox from a task of their own (`router.client_stream`) while this coroutine
+        # writes them with context.write. When the client cancels, grpc cancels this coroutine, and the
+        # fill's cancel (or the aclose below) runs the orchestrator's cleanup right away.
         responses = self.metrics.track(self.orch.generate(request, context.time_remaining))
+        outbox = Outbox()
+        filling: asyncio.Task[None] | None = None
         try:
-            async for msg in responses:
-                if not await _write(context, msg):
-                    return  # the client is gone: cancelled, or its deadline passed; cleanup is below
-        except RouterError as err:
-            await context.abort(err.code, err.reason)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # a bug: say so, instead of grpc's bare UNKNOWN
-            log.exception("Generate(%s) failed", request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"router error: {type(exc).__name__}: {exc}")
+            if await outbox.put_next(0, responses):
+                filling = asyncio.ensure_future(outbox.fill(0, responses))
+            while True:
+                for _, item in await outbox.take():
+                    if item is None:
+                        return
+                    if isinstance(item, RouterError):
+                        await context.abort(item.code, item.reason)
+                    if not await self._write(context, item):
+                        return  # the client is gone: cancelled, or its deadline passed; cleanup is below
+        except StreamIdle as idle:
+            # The client's window stays full. The write in flight stays queued in grpc's core: a client that
+            # reads again gets it, then this status.
+            log.info("Generate(%s): %s", request.request_id, idle.reason)
+            if filling is not None:
+                await stop_filling(filling)  # frees the request on its workers now
+            context.set_code(grpc.StatusCode.CANCELLED)
+            context.set_details(idle.reason)
         finally:
-            await responses.aclose()
+            if filling is None:
+                await responses.aclose()
+            else:
+                await stop_filling(filling)
+
+    async def _write(self, context: grpc.aio.ServicerContext, msg: pb.GenerateResponse) -> bool:
+        """Send one response; False if the call has already ended: a client cancel or deadline can reach grpc's
+        core before it reaches this handler, and the write then fails (ExecuteBatchError) instead. StreamIdle
+        if the client leaves it unread for stream_idle_timeout_s."""
+        try:
+            await write_or_idle(context.write(msg), self.stream_idle_timeout_s)
+        except grpc.aio.BaseError as exc:
+            log.debug("Generate: write after the call ended (%s: %s)", type(exc).__name__, exc)
+            return False
+        return True
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.ServerInfo:

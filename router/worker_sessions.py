@@ -46,8 +46,9 @@ class RequestStream:
         """Every output that arrived since the last read (waits up to `timeout` s for one). RouterError
         DEADLINE_EXCEEDED if none comes in time, or the stream's failure."""
         if not self._items and self._error is None:
-            try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
+            try:  # not wait_for: on Python 3.11 it drops a cancel that lands as the event is set
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
             except TimeoutError:
                 raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{step}: no tokens for {timeout:g}s") from None
         self._ready.clear()

@@ -152,6 +152,27 @@ def test_chart_renders_defaults(helm: tuple[Renderer, Callable[[], list[str]]]) 
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_chart_worker_pods_come_back_and_are_probed(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
+    """A lost worker pod is replaced (a Deployment, restartPolicy Always) and a sick one restarted (liveness on
+    its Ray node's health check); the head is probed on the router's gRPC health."""
+    docs = helm[0]({"worker": {"agentPort": 52400, "livenessProbe": {"failureThreshold": 7, "periodSeconds": 3}}})
+    deployments = by_kind(docs, "Deployment")
+    assert not by_kind(docs, "Pod") and not by_kind(docs, "Job")  # nothing that stays lost
+    worker = deployments["demo-pdserve-worker"]["spec"]["template"]["spec"]
+    assert worker["restartPolicy"] == "Always"
+    container = worker["containers"][0]
+    assert {"name": "ray-agent", "containerPort": 52400} in container["ports"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": "ray-agent"}, probe
+    assert (container["livenessProbe"]["failureThreshold"], container["livenessProbe"]["periodSeconds"]) == (7, 3)
+    assert container["readinessProbe"]["failureThreshold"] == 10  # the default
+    start_worker = by_kind(docs, "ConfigMap")["demo-pdserve"]["data"]["start-worker.sh"]
+    assert "--dashboard-agent-listen-port=52400" in start_worker and "--block" in start_worker
+
+    head = deployments["demo-pdserve-head"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= head.keys()
+
+
 def test_chart_metrics_scraping(helm: tuple[Renderer, Callable[[], list[str]]]) -> None:
     docs = helm[0]({"cluster": {"http_port": 9000},
                     "metrics": {"annotations": True, "serviceMonitor": {"enabled": True}}})

@@ -3,7 +3,8 @@ decode worker over gloo), with no manual step: kill the only prefill worker, the
 a request in flight ends with a clear status within 2 s, and the launcher's supervisor starts a new worker
 that registers, so the cluster serves again within 60 s; SIGKILL the redis-server: serving again within
 15 s (restarted on its port, workers re-register, the router reconnects). Requests in between end with a
-clear UNAVAILABLE.
+clear UNAVAILABLE. The cluster listens on all interfaces, as on Kubernetes: each worker, the replaced ones
+too, advertises its own Ray node's IP.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ LONG = {"max_tokens": 1000, "temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def harness(ray_session, tiny_llama):
-    config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=1, transport="gloo", port=0, http_port=None,
-                           cluster_name="healing", engine=EngineOptions(num_kv_blocks=128, max_model_len=2048))
+    config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=1, transport="gloo", host="0.0.0.0", port=0,
+                           http_port=None, cluster_name="healing",
+                           engine=EngineOptions(num_kv_blocks=128, max_model_len=2048))
     yield (h := ClusterHarness(config))
     h.close()
 
@@ -65,6 +67,8 @@ def test_killed_only_worker_of_a_role_is_replaced(harness, ray_session, role) ->
     odd = [e for e in errors if e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) or not e.reason]
     assert not odd, odd[:3]
     assert harness.cluster.worker_supervisor.replaced >= 1
+    node_ip = ray_session.util.get_node_ip_address()
+    assert harness.cluster.worker_info[index]["address"].rsplit(":", 1)[0] == node_ip  # not 0.0.0.0
     harness.wait_all_blocks_free()
 
 

@@ -1,4 +1,4 @@
-"""Arguments of `pdserve bench {engine,latency,serve,kv,compare,blocks}`; each runner is imported only when it runs."""
+"""Arguments of `pdserve bench {engine,latency,serve,kv,compare,blocks,soak}`; each runner is imported when it runs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ _RUNNERS = {
     "kv": ("cluster.bench.kv_bench", "run_kv_bench"),
     "compare": ("cluster.bench.compare_bench", "run_compare_bench"),
     "blocks": ("cluster.bench.blocks_bench", "run_blocks_bench"),
+    "soak": ("cluster.bench.soak_bench", "run_soak_bench"),
 }
 
 
@@ -149,6 +150,12 @@ def _blocks_args(p: argparse.ArgumentParser) -> None:
     add_blocks_args(p)
 
 
+def _soak_args(p: argparse.ArgumentParser) -> None:
+    from cluster.bench.soak_bench import add_soak_args
+
+    add_soak_args(p)
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the `pdserve bench` subcommands to `parser`."""
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -159,7 +166,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
              ("compare", "disaggregated vs colocated serving on the same GPUs: SLO attainment per rate",
               _compare_args),
              ("blocks", "how fragmented handoff block ids get under churn (the cuda_ipc copy path), no GPU",
-              _blocks_args))
+              _blocks_args),
+             ("soak", "a long mixed load (cancels, deadlines, bad inputs) with a worker kill and a Redis restart on "
+              "a cluster it starts: statuses, leaked blocks, RSS", _soak_args))
     for name, help_text, add in specs:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=parser.formatter_class)
         add(p)

@@ -7,7 +7,7 @@ import importlib
 import logging
 import os
 
-from cluster.worker.config import WorkerConfig
+from cluster.worker.config import WILDCARD_HOSTS, WorkerConfig
 from cluster.worker.server import WorkerServer
 
 
@@ -30,6 +30,13 @@ class WorkerActor:
             gpu = int(ray.get_gpu_ids()[0])  # all GPUs are visible: use the one Ray assigned
             torch.cuda.set_device(gpu)
             config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, device=f"cuda:{gpu}"))
+        if config.host in WILDCARD_HOSTS:
+            # Kubernetes (the router on 0.0.0.0): bind and advertise the IP of the node this actor runs on, which
+            # the router and the peers can reach; resolved here, so a worker the supervisor starts again on
+            # the node that replaced a lost one (another IP) advertises that one.
+            import ray
+
+            config = dataclasses.replace(config, host=ray.util.get_node_ip_address())
         if config.engine.device == "cpu":
             import torch
 
@@ -37,8 +44,10 @@ class WorkerActor:
         self.server = WorkerServer(config, load_servicer(servicer))
 
     async def start(self) -> dict[str, str]:
+        """Start serving; the worker's id, address, role and engine process id (for `bench soak`'s kills and RSS)."""
         address = await self.server.start()
-        return {"worker_id": self.server.worker_id, "address": address, "role": self.server.config.role}
+        return {"worker_id": self.server.worker_id, "address": address, "role": self.server.config.role,
+                "pid": str(os.getpid())}
 
     async def stats(self) -> dict[str, int]:
         assert self.server.loop is not None

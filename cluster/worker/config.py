@@ -8,6 +8,7 @@ from cluster.config import EngineConfig
 
 ROLES = ("prefill", "decode", "colocated")  # colocated: prefill and decode in one engine, no KV transport
 NO_TRANSPORT = "none"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a worker given one binds and advertises its Ray node's IP (WorkerActor)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class WorkerConfig:
     cluster_name: str = "default"
     worker_id: str = ""  # "" -> "<role>-<random>"
     transport: str = "gloo"  # resolved by the launcher ("auto" never reaches a worker); colocated: "none"
-    host: str = "127.0.0.1"  # address to bind and advertise
+    host: str = "127.0.0.1"  # address to bind and advertise; a wildcard: the Ray node's IP (WorkerActor)
     heartbeat_s: float = 0.5
     max_queue: int = 512  # requests waiting in this worker beyond which it answers RESOURCE_EXHAUSTED
     kv_send_timeout_s: float = 30.0

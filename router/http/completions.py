@@ -2,13 +2,18 @@
 
 Streaming answers are server-sent events: `data: {chunk}` lines, then `data: [DONE]`. The status (400, 404,
 429, 503, ...) is known before the first byte: the stream starts once every choice has its first token.
-An error after that arrives as a `data: {"error": ...}` event before `[DONE]`.
+An error after that arrives as a `data: {"error": ...}` event before `[DONE]`. A client that leaves its stream
+unread for `stream_idle_timeout_s` has its connection closed (`router.client_stream`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +21,7 @@ import jinja2
 from aiohttp import web
 from pdserve.v1 import generate_pb2 as pb
 
+from router.client_stream import StreamIdle, write_or_idle
 from router.errors import RouterError
 from router.http.chat_template import ChatTemplate
 from router.http.errors import ApiError, bad_request
@@ -31,6 +37,7 @@ from router.http.runs import ChoiceRuns
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LONG_TEXT = 4096  # characters: tokenize off the event loop beyond this
 
@@ -55,6 +62,19 @@ async def read_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+def reset(request: web.Request) -> None:
+    """Close the request's connection with a reset (SO_LINGER 0, as nginx's reset_timedout_connection): a
+    plain close would keep the unread bytes in the kernel, and send its FIN only after them."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class Completions:
@@ -127,19 +147,29 @@ class Completions:
         await runs.started()  # a RouterError here is still an HTTP status
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
+        idle_s = self.orch.config.stream_idle_timeout_s
+
+        async def send(data: bytes) -> None:
+            await write_or_idle(resp.write(data), idle_s)
+
         count = len(job.prompts) * job.n
         finals: dict[int, pb.Final] = {}
         head = b"".join(_event(shaper.chunk(i, None, first=True)) for i in range(count)) if job.chat else b""
         try:
-            async for batch in runs.batches():
-                await resp.write(head + self._chunks(shaper, batch, finals))
-                head = b""
-        except RouterError as err:
-            await resp.write(_event(ApiError.from_router(err).body()) + b"data: [DONE]\n\n")
-            return resp
-        tail = _event(shaper.usage_chunk([finals[i] for i in sorted(finals)])) if job.include_usage else b""
-        await resp.write(tail + b"data: [DONE]\n\n")
-        await resp.write_eof()
+            try:
+                async for batch in runs.batches():
+                    await send(head + self._chunks(shaper, batch, finals))
+                    head = b""
+            except RouterError as err:
+                await send(_event(ApiError.from_router(err).body()) + b"data: [DONE]\n\n")
+                return resp
+            tail = _event(shaper.usage_chunk([finals[i] for i in sorted(finals)])) if job.include_usage else b""
+            await send(tail + b"data: [DONE]\n\n")
+            await write_or_idle(resp.write_eof(), idle_s)
+        except StreamIdle as idle:  # the client's TCP window stays shut: free the request, reset the connection
+            log.info("%s: %s", request.path, idle.reason)
+            await runs.close()
+            reset(request)
         return resp
 
     @staticmethod
