@@ -20,7 +20,8 @@ TRANSPORTS = ("auto", "nccl", "gloo", "cuda_ipc", "grpc")
 # The keys that are the router's own settings: their defaults and checks are RouterConfig's (one source), and
 # `router_config` hands them on as they are.
 ROUTER_KEYS = ("host", "cluster_name", "mode", "policy", "max_queue", "reserve_lease_ms", "queue_timeout_s",
-               "migration_limit", "kv_failure_policy", "stream_idle_timeout_s", "api_keys", "tls_cert", "tls_key", "tls_client_ca")
+               "migration_limit", "kv_failure_policy", "stream_idle_timeout_s", "api_keys", "tls_cert", "tls_key",
+               "tls_client_ca")
 _R = RouterConfig  # the defaults below that read `_R.x` are the router's
 MAX_DEFAULT_ROUTER_PROCESSES = 4
 
