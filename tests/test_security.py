@@ -333,31 +333,40 @@ def _token_gaps(c: pdserve.Client, streams: int, max_tokens: int) -> list[list[f
         return list(pool.map(one, range(streams)))
 
 
-def _typical_p90(gaps: list[list[float]]) -> float:
-    """The median over streams of each stream's 90th-percentile gap: one slow stream or gap does not decide."""
-    return statistics.median(statistics.quantiles(g, n=10)[-1] for g in gaps)
+def _typical_longest(gaps: list[list[float]]) -> float:
+    """The median over streams of each stream's longest gap. A stalled event loop holds every stream at once
+    (its tokens then come in one later delta: one long gap each, too few to move a p90); one stream's own
+    hiccup does not decide."""
+    return statistics.median(max(g) for g in gaps)
+
+
+# Between two bad requests: often enough that a refusal stalling the router's event loop for tens of ms lands in
+# every stream, rarely enough that the sender's and the router's CPU for the bytes (a few ms a request) leave the
+# 2 cores that the workers decode on.
+BAD_REQUEST_PAUSE_S = 0.025
 
 
 def test_refusals_leave_other_streams_alone(harness, certs):  # type: ignore[no-untyped-def]
-    """While a client sends the 2 MB prompt, the 3.9 M ids and undecodable bytes again and again (every 10 ms),
+    """While a client sends the 2 MB prompt, the 3.9 M ids and undecodable bytes again and again (every 25 ms),
     each is refused with INVALID_ARGUMENT (90% of each case within 50 ms, none past 0.5 s, on a shared 2-core
-    machine), and other streams' inter-token gaps stay within 2x of unloaded: rounds of unloaded then loaded
-    streams, the median round's ratio decides (the machine's other load drifts between rounds, less within one)."""
-    streams, max_tokens, rounds = 6, 64, 5
+    machine), and other streams' longest inter-token gaps stay within 2x of unloaded: rounds of unloaded then
+    loaded streams, the median round's ratio decides (the machine's other load drifts between rounds, less
+    within one)."""
+    streams, max_tokens, rounds = 6, 64, 7
     ratios, calls = [], []
     bad = subprocess.Popen([sys.executable, "-c", _BAD_CLIENT, f"localhost:{harness.cluster.router.port}",
-                            str(certs["ca.crt"]), KEY, "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           text=True)
+                            str(certs["ca.crt"]), KEY, str(BAD_REQUEST_PAUSE_S)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
     assert bad.stdin is not None and bad.stdout is not None
     try:
         with _client(harness, certs, KEY) as c:
             _token_gaps(c, streams, 8)  # warm
             for _ in range(rounds):
-                unloaded = _typical_p90(_token_gaps(c, streams, max_tokens))
+                unloaded = _typical_longest(_token_gaps(c, streams, max_tokens))
                 bad.stdin.write("go\n")
                 bad.stdin.flush()
                 assert bad.stdout.readline().strip() == "sending"
-                loaded = _typical_p90(_token_gaps(c, streams, max_tokens))
+                loaded = _typical_longest(_token_gaps(c, streams, max_tokens))
                 bad.stdin.write("stop\n")
                 bad.stdin.flush()
                 calls += json.loads(bad.stdout.readline())
@@ -372,7 +381,7 @@ def test_refusals_leave_other_streams_alone(harness, certs):  # type: ignore[no-
     ms = {name: (round(statistics.quantiles(t, n=10)[-1] * 1e3, 1), round(max(t) * 1e3, 1))
           for name, t in seconds.items()}
     assert all(p90 < 50 and slowest < 500 for p90, slowest in ms.values()), f"refusals, p90 and max ms: {ms}"
-    assert statistics.median(ratios) < 2, f"typical p90 inter-token gap loaded / unloaded, per round: {ratios}"
+    assert statistics.median(ratios) < 2, f"typical longest inter-token gap loaded / unloaded, per round: {ratios}"
 
 
 def test_every_listener_is_on_the_configured_host(harness):  # type: ignore[no-untyped-def]
