@@ -348,10 +348,10 @@ BAD_REQUEST_PAUSE_S = 0.025
 
 def test_refusals_leave_other_streams_alone(harness, certs):  # type: ignore[no-untyped-def]
     """While a client sends the 2 MB prompt, the 3.9 M ids and undecodable bytes again and again (every 25 ms),
-    each is refused with INVALID_ARGUMENT (90% of each case within 50 ms: on a shared 2-core machine a load
-    spike can hold any one call), and other streams' longest inter-token gaps stay within 2x of unloaded: rounds
-    of unloaded then loaded streams, the median round's ratio decides (the machine's other load drifts between
-    rounds, less within one)."""
+    each is refused with INVALID_ARGUMENT (90% of each case within 50 ms, none past 0.5 s, on a shared 2-core
+    machine), and other streams' longest inter-token gaps stay within 2x of unloaded: rounds of unloaded then
+    loaded streams, the median round's ratio decides (the machine's other load drifts between rounds, less
+    within one)."""
     streams, max_tokens, rounds = 6, 64, 7
     ratios, calls = [], []
     bad = subprocess.Popen([sys.executable, "-c", _BAD_CLIENT, f"localhost:{harness.cluster.router.port}",
@@ -380,7 +380,7 @@ def test_refusals_leave_other_streams_alone(harness, certs):  # type: ignore[no-
     seconds = {name: [t for n, t, _ in calls if n == name] for name, _, _ in calls}
     ms = {name: (round(statistics.quantiles(t, n=10)[-1] * 1e3, 1), round(max(t) * 1e3, 1))
           for name, t in seconds.items()}
-    assert all(p90 < 50 for p90, _ in ms.values()), f"refusals, p90 and max ms: {ms}"
+    assert all(p90 < 50 and slowest < 500 for p90, slowest in ms.values()), f"refusals, p90 and max ms: {ms}"
     assert statistics.median(ratios) < 2, f"typical longest inter-token gap loaded / unloaded, per round: {ratios}"
 
 
