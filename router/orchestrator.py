@@ -370,6 +370,16 @@ class Orchestrator:
         block_size = decodes[0][0].block_size
         n_blocks = -(-len(v.token_ids) // block_size)
         failures: list[str] = []
+        req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
+                                 lease_ms=self.config.reserve_lease_ms)
+
+        async def reserve(info: WorkerInfo, name: str) -> wpb.ReserveReply:
+            try:
+                return await self.channels.stub(info.address).Reserve(
+                    req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
+            except grpc.aio.AioRpcError as err:
+                raise worker_error(err, name) from None
+
         try:
             await self._take_placement(v, run, n_blocks, block_size)
             held = run.held
@@ -380,18 +390,14 @@ class Orchestrator:
                     tried.add(wid)
                     info = await self.reg(self.view.info(wid))
                     if info is not None:  # None: gone from the registry since the pick
-                        run.workers[wid] = info
-                        req = wpb.ReserveRequest(request_id=v.request_id, num_tokens=len(v.token_ids),
-                                                 lease_ms=self.config.reserve_lease_ms)
                         try:
-                            reply = await self.channels.stub(info.address).Reserve(
-                                req, timeout=self._timeout(self.config.reserve_timeout_s, time_remaining))
+                            reply = await self._attempt_at(run, info, "reserve", reserve)
                             held.committed = True
-                            return info, reply
-                        except grpc.aio.AioRpcError as err:
-                            if err.code() not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
-                                raise worker_error(err, f"reserve on decode worker {wid} ({info.address})") from None
-                            failures.append(f"{wid}: {err.code().name} {err.details()}")
+                            return run.workers[wid], reply
+                        except RouterError as err:
+                            if err.code not in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
+                                raise
+                            failures.append(f"{err.code.name} {err.reason}")
                     if len(tried) >= self.config.max_decode_attempts:
                         break
                 held.decode = None
@@ -471,21 +477,33 @@ class Orchestrator:
                 info = await self.reg(self.view.info(wid))
                 if info is None:  # gone from the registry since the pick
                     continue
-                name = what(step, info)
-                run.workers[wid] = info
                 try:
-                    result = await attempt(info, name)
+                    result = await self._attempt_at(run, info, step, attempt)
                     kept = keep_inflight
-                    return info, result
+                    return run.workers[wid], result
                 except RouterError as err:
                     if err.code == Code.UNAVAILABLE and i + 1 < len(order):
-                        log.warning("%s: %s; trying the next worker", name, err.reason)
+                        log.warning("%s: %s; trying the next worker", what(step, run.workers[wid]), err.reason)
                         continue
                     raise
         finally:
             if not kept:
                 await self._release(run)
         raise RouterError(Code.UNAVAILABLE, f"no worker could be tried for {step}")
+
+    async def _attempt_at(self, run: RequestRun, info: WorkerInfo, step: str,
+                          attempt: Callable[[WorkerInfo, str], Awaitable[T]]) -> T:
+        """`attempt` on the worker; if it is unreachable there and has re-registered at another address (its
+        front end was restarted) since the view was read, once more at the new one."""
+        run.workers[info.worker_id] = info
+        try:
+            return await attempt(info, what(step, info))
+        except RouterError as err:
+            if err.code != Code.UNAVAILABLE or (moved := await self.reg(self.view.moved(info))) is None:
+                raise
+        log.info("worker %s moved from %s to %s", info.worker_id, info.address, moved.address)
+        run.workers[info.worker_id] = moved
+        return await attempt(moved, what(step, moved))
 
     async def _move_inflight(self, held: Held, worker_id: str) -> None:
         """A retry on the next prompt worker: its inflight count instead of the previous one's (and the

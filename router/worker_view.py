@@ -1,6 +1,6 @@
 """The router's cached view of the registered workers, so that no request reads the listing from Redis:
 refreshed by the router's health loop, and at once when a request finds it stale (a role with no worker,
-or a worker id the registry picked that the view does not know yet)."""
+a worker id the registry picked that the view does not know yet, or a worker unreachable at its address)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ class WorkerView:
         if worker_id not in self._by_id:
             await self.refresh()
         return self._by_id.get(worker_id)
+
+    async def moved(self, info: WorkerInfo) -> WorkerInfo | None:
+        """After `info`'s worker was unreachable: re-reads the view; the worker's new info if it re-registered at
+        another address (its gRPC front end was restarted), else None."""
+        await self.refresh()
+        now = self._by_id.get(info.worker_id)
+        return now if now is not None and now.address != info.address else None
 
     async def _read(self) -> list[Worker]:
         workers = await self._registry.list_workers()

@@ -263,9 +263,10 @@ def test_a_dead_front_end_is_replaced_and_the_worker_serves_again(harness):
 
     wait_for(moved, timeout=30, what="the worker did not re-register with a new front end")
     new = next(w for w, _ in registry.list_workers() if w.worker_id == "colocated-0")
-    with Client(harness.address) as client:
+    with Client(harness.address) as client:  # at once: the router's view still has the old address
         results = [client.generate(f"after {i}", max_tokens=4, temperature=0) for i in range(6)]
     assert all(len(r.token_ids) == 4 for r in results)
+    assert any(r.decode_worker == "colocated-0" for r in results)  # it found the new one, not only the other worker
     with harness.worker_channel(new.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         assert stub.GetStats(wpb.StatsRequest(), timeout=5).worker_id == "colocated-0"

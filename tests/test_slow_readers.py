@@ -34,6 +34,7 @@ QUICK_IDLE_S = 2.0  # a second router's (quick_router)
 POOL_BLOCKS = 1024  # decode pool: 128 never-read requests at a time (8 blocks each), not all 200
 N_UNREAD = 200
 UNREAD_PROMPT, UNREAD_TOKENS = 104, 24  # 128 tokens = 8 blocks
+LONG_TOKENS = 3900  # test_idle_stream_is_cancelled_on_its_worker_at_once: 104 + 3900 tokens fit max_model_len
 LOGPROBS = 20  # about 150 bytes per token: a stream's output is 3.6 KB, its window 1 KiB
 SMALL_WINDOWS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 Code = grpc.StatusCode
@@ -43,7 +44,7 @@ Code = grpc.StatusCode
 def harness(ray_session, tiny_llama):
     config = ClusterConfig(model=str(tiny_llama), prefill=1, decode=1, transport="gloo", port=0, http_port=0,
                            cluster_name="slow-readers", stream_idle_timeout_s=IDLE_S, queue_timeout_s=60.0,
-                           engine=EngineOptions(num_kv_blocks=POOL_BLOCKS, max_model_len=2048))
+                           engine=EngineOptions(num_kv_blocks=POOL_BLOCKS, max_model_len=4096))
     yield (h := ClusterHarness(config))
     h.close()
 
@@ -143,9 +144,10 @@ def wait_until_freed(harness: ClusterHarness, limit_s: float) -> None:
 def test_idle_stream_is_cancelled_on_its_worker_at_once(harness, quick_router) -> None:
     """A stream whose client stops reading while its worker still decodes: cancelled after stream_idle_timeout_s,
     its blocks freed then, long before its tokens would all have been made."""
-    natural_s = decode_seconds(harness.address, 1800)  # not through quick_router: a busy reader may pause 2 s
+    # Long enough that its natural time is several idle limits even on a fast machine.
+    natural_s = decode_seconds(harness.address, LONG_TOKENS)  # not through quick_router: a busy reader may pause 2 s
     channel = grpc.insecure_channel(quick_router.address, options=SMALL_WINDOWS)
-    call = pb_grpc.GenerateServiceStub(channel).Generate(unread_request(9999, max_tokens=1800), timeout=120)
+    call = pb_grpc.GenerateServiceStub(channel).Generate(unread_request(9999, max_tokens=LONG_TOKENS), timeout=120)
     t0 = time.monotonic()
     wait_until_freed(harness, natural_s)
     freed_s = time.monotonic() - t0
