@@ -37,6 +37,13 @@ def max_request_bytes(model: ModelInfo) -> int:
     return prompt + stops + len(model.name.encode()) + 1024
 
 
+def max_body_bytes(model: ModelInfo) -> int:
+    """An upper bound on an HTTP request body (JSON) worth reading for `model`: the largest GenerateRequest,
+    its strings at most doubled by JSON's escapes (a batch of prompts shares it). A larger body is refused
+    before it is read: parsing megabytes of JSON (millions of token ids) would hold the event loop."""
+    return 2 * max_request_bytes(model)
+
+
 @dataclass(frozen=True)
 class ValidRequest:
     request_id: str

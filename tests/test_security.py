@@ -283,6 +283,49 @@ def test_limits_before_work(harness, certs):  # type: ignore[no-untyped-def]
             assert time.perf_counter() - t0 < 0.05
 
 
+def test_http_limits_before_work(harness, certs):  # type: ignore[no-untyped-def]
+    """Over HTTP: a body larger than any request the model could take is refused with 400 from its headers
+    alone, before a byte of it is read (3.9 M ids: Content-Length), or once the limit is read (chunked); a real
+    client's 2 MB prompt gets the same 400; one that fits the body, not the context, the router's own check.
+    (The openai package's own handling of a 3.9 M-id list takes it ~35 s, so that one goes by http.client.)"""
+    import http.client
+    import ssl
+
+    import httpx2 as httpx
+
+    from router.validation import max_body_bytes
+
+    model = harness.cluster.router.orchestrator.model
+    limit = max_body_bytes(model)
+    port, auth = harness.cluster.router.http_port, {"Authorization": f"Bearer {KEY}"}
+    tls = ssl.create_default_context(cafile=str(certs["ca.crt"]))
+    ids_body = json.dumps({"prompt": [1] * 3_900_000, "max_tokens": 2}).encode()
+    conn = http.client.HTTPSConnection("localhost", port, context=tls, timeout=5)
+    conn.connect()
+    for _ in range(5):
+        conn.putrequest("POST", "/v1/completions")
+        for name, value in {**auth, "Content-Type": "application/json", "Content-Length": len(ids_body)}.items():
+            conn.putheader(name, str(value))
+        t0 = time.perf_counter()
+        conn.endheaders()  # the headers only: the answer cannot wait for the body
+        reply = conn.getresponse()
+        elapsed, error = time.perf_counter() - t0, json.loads(reply.read())["error"]
+        assert reply.status == 400 and f"at most {limit} bytes" in error["message"], error
+        assert elapsed < 0.05, elapsed
+        conn.close()
+        conn.connect()
+    conn.close()
+    base = f"https://localhost:{port}/v1"
+    with httpx.Client(verify=tls, headers=auth, timeout=30) as http_client:
+        chunks = (b'{"prompt": "' + b"a" * (1 << 16) for _ in range(2 * limit >> 16))
+        reply = http_client.post(f"{base}/completions", content=chunks, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 400 and f"at most {limit} bytes" in reply.json()["error"]["message"], reply.text
+        client = openai.OpenAI(base_url=base, api_key=KEY, http_client=http_client, max_retries=0)
+        for prompt, says in (("a" * (2 << 20), f"at most {limit} bytes"), ([1] * 5000, "exceeds max_model_len")):
+            with pytest.raises(openai.BadRequestError, match=says):
+                client.completions.create(model=model.name, prompt=prompt, max_tokens=2)
+
+
 # Sends the bad requests of test_limits_before_work, one at a time with PAUSE_S between them, from a process of its
 # own (building and encrypting 3.9 M ids must not take the router's GIL), each serialized once. Its stdin says
 # when: after "go" it sends (printing "sending" once a round is done) until "stop", then prints the calls of

@@ -36,6 +36,7 @@ from router.http.responses import Choice, Shaper
 from router.http.runs import ChoiceRuns
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
+from router.validation import max_body_bytes
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -54,14 +55,27 @@ def _event(obj: Any) -> bytes:
     return f"data: {dumps(obj)}\n\n".encode()
 
 
-async def read_body(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
+    """The JSON object in the body; 400 without reading it if it is over `limit` bytes (`max_body_bytes`)."""
+    size = request.content_length
+    if size is not None and size > limit:
+        raise _too_large(f"{size} bytes", limit)
     try:
-        body = await request.json()
+        raw = await request.read()  # the application's client_max_size stops a chunked body at the limit
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large("more", limit) from None
+    try:
+        body = json.loads(raw)
     except ValueError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+def _too_large(size: str, limit: int) -> ApiError:
+    return bad_request(f"the request body ({size}) is larger than any request this model can take: at most {limit} "
+                       "bytes (2x the largest prompt of max_model_len tokens, for JSON's escapes)")
 
 
 def reset(request: web.Request) -> None:
@@ -83,6 +97,7 @@ class Completions:
     def __init__(self, orchestrator: Orchestrator, metrics: RouterMetrics, template: ChatTemplate | None) -> None:
         self.orch = orchestrator
         self.model = orchestrator.model
+        self.max_body = max_body_bytes(self.model)
         self.metrics = metrics
         self.template = template
 
@@ -95,13 +110,13 @@ class Completions:
                            param="model", code="model_not_found")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_body(request)
+        body = await read_body(request, self.max_body)
         self._check_model(body)
         job = parse_job(body, False, self.model.name, completion_prompts(body), COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await self._answer(request, job)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_body(request)
+        body = await read_body(request, self.max_body)
         self._check_model(body)
         if self.template is None:
             raise bad_request(f"model '{self.model.name}' has no chat template (tokenizer_config.json "

@@ -25,7 +25,6 @@ from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
-MAX_BODY = 64 * 2**20  # bytes: long prompts as JSON
 SHUTDOWN_TIMEOUT_S = 5.0  # how long stop() lets running requests finish
 
 
@@ -64,7 +63,7 @@ class HttpServer:
         self._created = int(time.time())
         completions = Completions(orchestrator, metrics, ChatTemplate.load(orchestrator.config.model_dir))
         guard = [keys.http_middleware()] if keys else []
-        app = web.Application(middlewares=[_errors, *guard], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[_errors, *guard], client_max_size=completions.max_body + 1)
         app.router.add_post("/v1/completions", completions.completions)
         app.router.add_post("/v1/chat/completions", completions.chat)
         app.router.add_get("/v1/models", self.models)
