@@ -112,7 +112,8 @@ class Completions:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, self.max_body)
         self._check_model(body)
-        job = parse_job(body, False, self.model.name, completion_prompts(body), COMPLETIONS_DEFAULT_MAX_TOKENS)
+        prompts = completion_prompts(body, self.model.max_model_len)
+        job = parse_job(body, False, self.model.name, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await self._answer(request, job)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -58,11 +58,16 @@ def _token_list(value: Any) -> bool:
                                                            for t in value)
 
 
-def completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
-    """`prompt` as a list of prompts: a string, strings, token ids, or lists of token ids."""
+def completion_prompts(body: dict[str, Any], max_model_len: int) -> list[str | list[int]]:
+    """`prompt` as a list of prompts: a string, strings, token ids, or lists of token ids. A list of more ids
+    than the context holds is refused before its ids are looked at."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
+    if isinstance(prompt, list) and prompt:
+        for ids in prompt if isinstance(prompt[0], list) else [prompt]:
+            if isinstance(ids, list) and len(ids) > max_model_len and isinstance(ids[0], int):
+                raise bad_request(f"prompt ({len(ids)} tokens) exceeds max_model_len ({max_model_len})", "prompt")
     if _token_list(prompt):
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_list(p) for p in prompt):
