@@ -17,7 +17,8 @@ from cluster.registry import WorkerInfo
 from cluster.wire import sampling_to_proto
 from router.errors import RouterError, worker_error
 from router.migration import Progress, stream_failure
-from router.orchestrator import Orchestrator, RequestRun
+from router.orchestrator import Orchestrator
+from router.placement import RequestRun
 from router.validation import ValidRequest
 from router.worker_sessions import RequestStream, WorkerSession
 from router.worker_stream import ms_since, relay, what
