@@ -23,8 +23,9 @@ class RouterConfig:
     tokenizer_config `model_max_length`).
 
     `migration_limit`: how many times one request may move to another decode (or colocated) worker when
-    its worker becomes unreachable mid-stream; the prompt and the tokens already sent are prefilled again
-    there and the client's stream goes on (0: such requests fail UNAVAILABLE). `kv_failure_policy`: when the
+    its worker becomes unreachable mid-stream, or hangs (no token for `decode_chunk_timeout_s`); the prompt
+    and the tokens already sent are prefilled again there and the client's stream goes on (0: such requests
+    fail UNAVAILABLE). `kv_failure_policy`: when the
     KV handoff fails (the push failed, or the KV did not arrive in time), "recompute" runs the request's
     prefill once more, preferring another prefill worker, into a fresh reservation; "fail" ends the request
     with the handoff's status.

@@ -4,8 +4,9 @@ An attempt is one placement of a request: a decode reservation, a prefill that p
 streams (colocated: one Generate). Two failures are worth another attempt, which prefills the prompt plus
 every token the client has been sent (`Progress.sent`, counted as output by the workers) so the client's
 stream goes on with no token lost or repeated:
-- the worker streaming the tokens is lost (its Attach stream broke, or Attach / Decode answered
-  UNAVAILABLE): a migration, up to `migration_limit` per request, never onto a lost worker;
+- the worker streaming the tokens is lost (its Attach stream broke, Attach / Decode answered UNAVAILABLE, or
+  it hangs: no token of the request within `decode_first_token_timeout_s` / `decode_chunk_timeout_s` while its
+  stream stays up): a migration, up to `migration_limit` per request, never onto a lost worker;
 - the KV handoff failed (Prefill or Decode answered ABORTED or DEADLINE_EXCEEDED: the push failed, or the
   KV did not arrive within the lease) under `kv_failure_policy: recompute`: once per request, with the failed
   attempt's prefill workers tried last. An unreachable prefill worker is not a handoff failure: placement
@@ -22,6 +23,7 @@ import grpc
 
 from router.config import RouterConfig
 from router.errors import RouterError
+from router.worker_sessions import StreamStalled
 
 WORKER_LOST = "worker_lost"
 KV_HANDOFF = "kv_handoff"
@@ -40,8 +42,10 @@ class AttemptFailed(Exception):
 
 
 def stream_failure(error: RouterError, worker_id: str) -> RouterError | AttemptFailed:
-    """A failure of the worker streaming a request's tokens: an UNAVAILABLE one means the worker is lost."""
-    return AttemptFailed(error, WORKER_LOST, [worker_id]) if error.code == grpc.StatusCode.UNAVAILABLE else error
+    """A failure of the worker streaming a request's tokens: an UNAVAILABLE one, or a stalled stream, means the
+    worker is lost."""
+    lost = error.code == grpc.StatusCode.UNAVAILABLE or isinstance(error, StreamStalled)
+    return AttemptFailed(error, WORKER_LOST, [worker_id]) if lost else error
 
 
 def handoff_failure(error: RouterError, prefill_workers: Iterable[str]) -> RouterError | AttemptFailed:

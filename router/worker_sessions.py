@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 Output = tuple[wpb.RequestOutput, float]  # (output, step_ms of the engine step that produced it)
 
 
+class StreamStalled(RouterError):
+    """A request's worker sent nothing for it within the timeout while its stream stayed up: the worker hangs
+    (or is too far behind to be waited for), which `router.migration` treats as a lost worker."""
+
+
 class RequestStream:
     """One request's outputs, in order, until its finish reason (or a failure)."""
 
@@ -44,13 +49,13 @@ class RequestStream:
 
     async def read(self, timeout: float, step: str) -> list[Output]:
         """Every output that arrived since the last read (waits up to `timeout` s for one). RouterError
-        DEADLINE_EXCEEDED if none comes in time, or the stream's failure."""
+        DEADLINE_EXCEEDED (`StreamStalled`) if none comes in time, or the stream's failure."""
         if not self._items and self._error is None:
             try:  # not wait_for: on Python 3.11 it drops a cancel that lands as the event is set
                 async with asyncio.timeout(timeout):
                     await self._ready.wait()
             except TimeoutError:
-                raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{step}: no tokens for {timeout:g}s") from None
+                raise StreamStalled(grpc.StatusCode.DEADLINE_EXCEEDED, f"{step}: no tokens for {timeout:g}s") from None
         self._ready.clear()
         items, self._items = self._items, []
         if not items and self._error is not None:

@@ -4,8 +4,9 @@ on one real CPU cluster (local Ray, redis-server, router, 2 prefill + 2 decode w
   their KV never arrives within the lease. Under "fail" those requests end DEADLINE_EXCEEDED, naming the
   worker; under "recompute" every request completes, prefilled again on the other prefill worker, equal to
   the offline engine;
-- migration: a decode worker is killed mid-stream with 16 greedy requests in flight: every one completes on
-  the other decode worker as one stream, tokens and text equal to the offline engine.
+- migration: a decode worker hangs (SIGSTOP, its streams up) or is killed mid-stream with 16 greedy requests
+  in flight: every one completes on the other decode worker as one stream, tokens and text equal to the
+  offline engine.
 Every KV block is back in its pool afterwards, as the workers report it (GetStats), and no registry counter
 is left taken.
 """
@@ -32,6 +33,7 @@ from router.config import RouterConfig
 from router.errors import RouterError
 from router.migration import KV_HANDOFF, WORKER_LOST, AttemptFailed, Progress, handoff_failure, stream_failure
 from router.server import RouterServer, serve
+from router.worker_sessions import StreamStalled
 from tests.cluster_harness import ClusterHarness
 from tests.sdk_router_helpers import wait_for
 
@@ -52,6 +54,8 @@ def test_which_failures_another_attempt_may_mend() -> None:
     assert isinstance(lost, AttemptFailed) and lost.cause == WORKER_LOST and lost.workers == {"d0"}
     for code in (Code.DEADLINE_EXCEEDED, Code.ABORTED, Code.INTERNAL, Code.RESOURCE_EXHAUSTED):
         assert isinstance(stream_failure(RouterError(code, "x"), "d0"), RouterError)  # not a lost worker
+    hung = stream_failure(StreamStalled(Code.DEADLINE_EXCEEDED, "decode on worker d0: no tokens for 2s"), "d0")
+    assert isinstance(hung, AttemptFailed) and hung.cause == WORKER_LOST and hung.workers == {"d0"}
     for code in (Code.ABORTED, Code.DEADLINE_EXCEEDED):
         kv = handoff_failure(RouterError(code, "kv"), ["p0", "p1"])
         assert isinstance(kv, AttemptFailed) and kv.cause == KV_HANDOFF and kv.workers == {"p0", "p1"}
@@ -173,18 +177,19 @@ def test_kv_that_never_arrives_fails_or_is_recomputed(harness, offline, policy):
     assert_nothing_held(harness)
 
 
-async def _kill_decode_mid_stream(harness: ClusterHarness, ray) -> tuple[str, dict[str, int], list[object]]:
-    """16 greedy streams; once each has 3 deltas, kill the decode worker running most of them. Returns the
-    victim, the decode workers' running counts then, and each stream's result (or error)."""
-    async with AsyncClient(harness.address, timeout=60) as client:
+async def _fail_decode_mid_stream(harness: ClusterHarness, address: str, fail: Callable[[str], None],
+                                  ) -> tuple[str, dict[str, int], list[object]]:
+    """16 greedy streams through the router at `address`; once each has 3 deltas, `fail(worker_id)` the decode
+    worker running most of them. Returns the victim, the decode workers' running counts then, and each stream's
+    result (or error)."""
+    async with AsyncClient(address, timeout=60) as client:
         streams = [client.generate_stream(p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
                    for p in PROMPTS]
         heads = [[await s.__anext__() for _ in range(3)] for s in streams]
         running = {s.worker_id: s.num_running for s in await asyncio.to_thread(harness.worker_stats)
                    if s.role == "decode"}
         victim = max(running, key=lambda w: running[w])
-        index = next(i for i, w in enumerate(harness.cluster.worker_info) if w["worker_id"] == victim)
-        ray.kill(harness.cluster.workers[index])
+        fail(victim)
 
         async def rest(stream, head) -> object:
             try:
@@ -199,11 +204,8 @@ async def _kill_decode_mid_stream(harness: ClusterHarness, ray) -> tuple[str, di
     return victim, running, results
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(60, func_only=True)
-def test_killed_decode_worker_mid_stream_its_requests_continue_elsewhere(harness, offline, ray_session):
-    """Last: it kills a decode worker (the supervisor replaces it later)."""
-    victim, running, results = asyncio.run(_kill_decode_mid_stream(harness, ray_session))
+def _assert_moved_off(victim: str, running: dict[str, int], results: list[object], offline) -> int:
+    """Every request completed as the offline engine has it, the victim's moved once; returns how many moved."""
     assert running[victim] > 0 and sum(running.values()) == len(PROMPTS), running
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors[:3]
@@ -212,7 +214,51 @@ def test_killed_decode_worker_mid_stream_its_requests_continue_elsewhere(harness
     moved = [r for r in results if r.num_migrations]
     assert len(moved) == running[victim] and all(r.num_migrations == 1 for r in moved), running
     assert all(r.decode_worker != victim for r in results)
+    return len(moved)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90, func_only=True)
+def test_hung_decode_worker_mid_stream_its_requests_continue_elsewhere(harness, offline):
+    """A decode worker's engine process stops (SIGSTOP) mid-stream while its front end and streams stay up:
+    after decode_chunk_timeout_s without a token, its requests move to the other decode worker. Resumed, it
+    frees what it held and serves again."""
+    router: RouterServer = harness.run(serve(dataclasses.replace(
+        harness.cluster.router.config, port=0, http_port=None, decode_chunk_timeout_s=2.0)))
+    wait_for(lambda: router.serving, 10.0, "the second router does not see the cluster")
+    stopped: list[psutil.Process] = []
+
+    def stop(worker_id: str) -> None:
+        info = next(w for w in harness.cluster.worker_info if w["worker_id"] == worker_id)
+        stopped.append(_engine_process(info["address"]))
+        stopped[0].send_signal(signal.SIGSTOP)
+
+    try:
+        t0 = time.monotonic()
+        victim, running, results = asyncio.run(_fail_decode_mid_stream(harness, router.address, stop))
+        took = time.monotonic() - t0
+    finally:
+        for p in stopped:
+            p.send_signal(signal.SIGCONT)
+        harness.run(router.stop(grace=1.0))
+    _assert_moved_off(victim, running, results, offline)
+    assert took < 30, took  # one chunk timeout, then the other worker's speed: not the 60 s default
+    registry = _registry(harness)
+    wait_for(lambda: victim in {w.worker_id for w, _ in registry.list_workers()}, 10.0, "it did not register again")
+    assert_nothing_held(harness)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60, func_only=True)
+def test_killed_decode_worker_mid_stream_its_requests_continue_elsewhere(harness, offline, ray_session):
+    """Last: it kills a decode worker (the supervisor replaces it later)."""
+    def kill(worker_id: str) -> None:
+        ray_session.kill(harness.cluster.workers[next(
+            i for i, w in enumerate(harness.cluster.worker_info) if w["worker_id"] == worker_id)])
+
+    victim, running, results = asyncio.run(_fail_decode_mid_stream(harness, harness.address, kill))
+    moved = _assert_moved_off(victim, running, results, offline)
     scrape = harness.cluster.router.metrics.exposition([]).decode()
     counted = {s.name: s.value for f in text_string_to_metric_families(scrape) for s in f.samples}
-    assert counted["pdserve:num_requests_migrated_total"] == len(moved)
+    assert counted["pdserve:num_requests_migrated_total"] == moved
     assert_nothing_held(harness)
